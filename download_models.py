@@ -1,0 +1,662 @@
+"""Download models from the Hugging Face Hub: resumable across runs and checked against the hub's hashes.
+
+Why not `snapshot_download`? Measured against huggingface_hub 2.4: it resumes only within one call (from 10 MiB
+boundaries), deletes the partial file when a call fails, and checks only the size, so a killed run starts again
+from byte 0 and a corrupted file is kept as if it were good. This script uses the library's own pieces
+(HfApi.model_info, hf_hub_url, get_hf_file_metadata, build_hf_headers, http_get with resume_size) but keeps
+`<file>.partial` between runs and checks every file: weights against the hub's LFS sha256, small files against
+their git blob id. Xet-backed files come through the same resolve URL (the hub bridges them to plain HTTP with
+byte ranges), so one resume path and one sha256 check cover both storage back ends.
+
+Each model lands flat in models/<short name>/, the folder common.load_model reads, with only what loading needs:
+one weight format (safetensors preferred), config, tokenizer and generation files. billion_llm_download.json
+beside them records the repo, the commit and the verified hashes; results/download-*.json records the run.
+
+    python download_models.py --list                          # size, gated, on-disk state; downloads nothing
+    python download_models.py --models tinyllama-1.1b,pythia-1b
+    HF_TOKEN=hf_... python download_models.py --models llama-3.2-1b --targets
+    python download_models.py --verify                        # re-hash what is on disk, re-fetch what is bad
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import common
+
+MANIFEST_NAME = "billion_llm_download.json"
+# http_get writes what it receives in chunks of this size (the library default is 10 MiB): it is the most a
+# kill can lose. 1 MiB keeps that small at the cost of ~100 writes per second at 100 MB/s.
+CHUNK_BYTES = 1 << 20
+HUB_TIMEOUT_SEC = 30  # model_info / tree listing; the file transfers use the library's own timeouts
+PLAIN_PROGRESS_EVERY_SEC = 10.0  # how often a non-terminal run prints a progress line for a long file
+PLAIN_START_LINE_BYTES = 64 << 20  # off a terminal, files this big also get a line when they start
+# Weight formats in order of preference, with their shard index; only one format is fetched.
+WEIGHT_FORMATS = ((".safetensors", "model.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json"))
+WEIGHT_SUFFIXES = tuple(suffix for suffix, _ in WEIGHT_FORMATS)
+# Name prefixes of transformers weights: skips e.g. training_args.bin and Mistral's consolidated.safetensors.
+WEIGHT_PREFIXES = {".safetensors": ("model",), ".bin": ("pytorch_model",)}
+# Duplicate or foreign weight formats that transformers does not need next to the chosen one.
+SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot",
+                    ".tflite", ".mlmodel")
+SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")  # config, tokenizer, generation files
+OK_STATUSES = ("downloaded", "up_to_date", "verified")
+
+
+class CorruptFileError(Exception):
+    """A file failed its hash check twice (or could not be fetched again): never reported as success."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One model asked for on the command line."""
+    name: str  # folder name under the models dir (the registry short name when there is one)
+    hub_id: str
+    spec: common.ModelSpec | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int | None
+    sha256: str | None  # LFS content hash (weights)
+    git_oid: str | None  # git blob sha1 (small files kept in git)
+
+
+@dataclasses.dataclass
+class ModelPlan:
+    target: Target
+    commit: str | None = None
+    gated: object = None  # the hub's answer: False, "auto" or "manual"
+    files: list[RemoteFile] = dataclasses.field(default_factory=list)
+    from_manifest: bool = False  # the hub was unreachable: expected hashes come from our own record
+
+
+# ------------------------------------------------------------------------------------------ what to fetch
+def parse_targets(models: str, with_targets: bool) -> list[Target]:
+    """Registry short names or hub ids (org/name), plus the speculative targets with --targets."""
+    by_hub = {s.hub_id: s for s in common.REGISTRY.values()}
+    names = list(common.REGISTRY) if models.strip() == "all" else [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise common.UserError("--models is empty: give registry names or hub ids, separated by commas.")
+    targets: list[Target] = []
+    for name in names:
+        if name in common.REGISTRY:
+            spec = common.REGISTRY[name]
+        elif name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "/")):
+            spec = by_hub.get(name)
+        else:
+            raise common.UserError(f"Unknown model '{name}': use one of {', '.join(common.REGISTRY)} "
+                                   "or a hub id like org/name.")
+        targets.append(Target(spec.name, spec.hub_id, spec) if spec else
+                       Target(common.safe_name(name.split("/")[1]), name, None))
+        if with_targets and spec and spec.target:
+            target_spec = common.REGISTRY[spec.target]
+            targets.append(Target(target_spec.name, target_spec.hub_id, target_spec))
+    return list(dict.fromkeys(targets))  # keep order, drop repeats
+
+
+def select_files(entries: list[RemoteFile]) -> list[RemoteFile]:
+    """What loading needs: one weight format and the small root files, weights first and config.json last.
+
+    common.resolve_model treats a folder with config.json as a ready model, so config.json is written only
+    after every weight file is in place and verified."""
+    root = [e for e in entries if "/" not in e.path]  # skips original/, onnx/, ... duplicates
+    weights: list[RemoteFile] = []
+    index_name = None
+    for suffix, index in WEIGHT_FORMATS:
+        weights = [e for e in root if e.path.endswith(suffix) and e.path.startswith(WEIGHT_PREFIXES[suffix])]
+        if weights:
+            index_name = index
+            break
+    support = [e for e in root if e.path.endswith(SUPPORT_SUFFIXES) and not e.path.endswith(SKIPPED_SUFFIXES)
+               and (not e.path.endswith(".index.json") or e.path == index_name)]
+    weights.sort(key=lambda e: -(e.size or 0))
+    support.sort(key=lambda e: (e.path == "config.json", e.path))
+    return weights + support
+
+
+def weight_bytes(files: list[RemoteFile]) -> int:
+    return sum(f.size or 0 for f in files if f.path.endswith(WEIGHT_SUFFIXES))
+
+
+# ------------------------------------------------------------------------------------------ hub metadata
+def hub_endpoint() -> str:
+    """HF_ENDPOINT read now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def network_errors() -> tuple[type[Exception], ...]:
+    import httpx2  # huggingface_hub 2.x's HTTP client
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    return httpx2.RequestError, OfflineModeIsEnabled  # connection, timeout, protocol and redirect-loop errors
+
+
+def plan_model(api, target: Target, revision: str) -> ModelPlan:
+    """Ask the hub which commit `revision` is and what its files and hashes are (one or two API calls)."""
+    from huggingface_hub.hf_api import RepoFile
+    info = api.model_info(target.hub_id, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT_SEC)
+    entries = [RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
+               for s in info.siblings or []]
+    if not entries or any(e.size is None for e in entries):
+        # Mirrors and older hub answers omit per-file metadata from model_info; the tree listing always has it.
+        entries = [RemoteFile(f.path, f.size, f.lfs.sha256 if f.lfs else None, None if f.lfs else f.blob_id)
+                   for f in api.list_repo_tree(target.hub_id, revision=info.sha or revision, recursive=True)
+                   if isinstance(f, RepoFile)]
+    files = select_files(entries)
+    if not any(f.path == "config.json" for f in files):
+        raise common.UserError(f"{target.hub_id} has no config.json at its root, so it is not a transformers model.")
+    return ModelPlan(target, commit=info.sha, gated=info.gated, files=files)
+
+
+def plan_from_manifest(target: Target, folder: Path) -> ModelPlan | None:
+    """Expected files and hashes from our own record, for --verify while the hub is unreachable."""
+    manifest = read_manifest(folder)
+    if not manifest:
+        return None
+    files = [RemoteFile(path, entry.get("size_bytes"), entry.get("sha256"), entry.get("git_oid"))
+             for path, entry in manifest.get("files", {}).items()]
+    return ModelPlan(target, commit=manifest.get("revision"), files=files, from_manifest=True)
+
+
+def describe_hub_error(error: Exception, hub_id: str) -> tuple[str, str]:
+    """(status, one sentence) for an error the hub answered with."""
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    if isinstance(error, GatedRepoError):
+        page = f"https://huggingface.co/{hub_id}"
+        if getattr(error.response, "status_code", None) == 403:  # a valid token, but no access granted (yet)
+            return "gated", (f"{hub_id} is gated and your token has not been granted access: accept its licence at "
+                             f"{page} with that account (approval can take a while) or pass another token with "
+                             "HF_TOKEN=hf_... or `hf auth login`.")
+        return "gated", (f"{hub_id} is gated: accept its licence at {page} with your account, then pass a token "
+                         "(HF_TOKEN=hf_... in the environment or `hf auth login`).")
+    if isinstance(error, RepositoryNotFoundError):
+        return "not_found", (f"{hub_id} was not found on the hub (a typo, or a private repo: pass a token with "
+                             "HF_TOKEN or `hf auth login`).")
+    if isinstance(error, RevisionNotFoundError):
+        return "not_found", f"{hub_id} has no such revision."
+    if isinstance(error, RemoteEntryNotFoundError):
+        return "failed", f"{hub_id}: a file listed by the hub was not found when fetched ({first_line(error)})."
+    if isinstance(error, HfHubHTTPError):
+        return "failed", f"{hub_id}: the hub answered with an error ({first_line(error)})."
+    return "failed", f"{hub_id}: {first_line(error)}"
+
+
+def first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------- local state
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        return common.read_json(path)
+    except common.UserError:
+        return {}  # a damaged record only means the files get re-hashed
+
+
+def write_manifest(folder: Path, plan: ModelPlan, verified: dict, complete: bool) -> None:
+    """Rewritten after every verified file, so a killed run keeps what it proved."""
+    common.write_json_atomic(folder / MANIFEST_NAME, {
+        "tool": "download_models.py", "repo_id": plan.target.hub_id, "revision": plan.commit,
+        "endpoint": hub_endpoint(), "complete": complete,
+        "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "files": verified})
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The id git gives a file's content: sha1 of 'blob <size>\\0' + bytes."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file(path: Path, remote: RemoteFile) -> tuple[bool, str, str]:
+    """(ok, what was checked, the value found). Size first: it is free and catches truncation."""
+    size = path.stat().st_size
+    if remote.size is not None and size != remote.size:
+        return False, "size", str(size)
+    if remote.sha256:
+        actual = common.sha256_file(path)
+        return actual == remote.sha256, "sha256", actual
+    if remote.git_oid:
+        actual = git_blob_sha1(path)
+        return actual == remote.git_oid, "git_blob_sha1", actual
+    return remote.size is not None, "size", str(size)
+
+
+def is_recorded(path: Path, remote: RemoteFile, manifest: dict) -> bool:
+    """Verified by an earlier run and unchanged in size: trusted without re-hashing (unless --verify)."""
+    entry = manifest.get("files", {}).get(remote.path)
+    return bool(entry and path.exists() and entry.get("size_bytes") == remote.size == path.stat().st_size
+                and entry.get("sha256") == remote.sha256 and entry.get("git_oid") == remote.git_oid)
+
+
+def bytes_still_needed(plan: ModelPlan, folder: Path) -> int:
+    manifest = read_manifest(folder)
+    needed = 0
+    for remote in plan.files:
+        final, partial = folder / remote.path, folder / (remote.path + ".partial")
+        if final.exists() and (is_recorded(final, remote, manifest) or final.stat().st_size == remote.size):
+            continue
+        needed += max((remote.size or 0) - (partial.stat().st_size if partial.exists() else 0), 0)
+    return needed
+
+
+def disk_state(folder: Path) -> str:
+    """What --list says about a model folder, without hashing anything."""
+    manifest = read_manifest(folder)
+    if manifest.get("complete"):
+        missing = [p for p, e in manifest["files"].items() if not (folder / p).exists()
+                   or (folder / p).stat().st_size != e.get("size_bytes")]
+        if missing:
+            return f"damaged: {len(missing)} file(s) missing or resized"
+        return f"downloaded, {len(manifest['files'])} files verified {manifest.get('updated_at', '')[:10]}"
+    partials = sorted(folder.glob("*.partial")) if folder.is_dir() else []
+    if manifest or partials:
+        done = sum(e.get("size_bytes") or 0 for e in manifest.get("files", {}).values())
+        return f"partial: {common.human_bytes(done + sum(p.stat().st_size for p in partials))} on disk"
+    if (folder / "billion_llm_source.json").exists():
+        return "converted from GGUF (offline copy)"
+    if (folder / "config.json").exists():
+        return "present, not from this tool (unverified)"
+    return "not downloaded"
+
+
+def ensure_writable(models_dir: Path) -> None:
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        probe = models_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise common.UserError(f"Cannot write to {models_dir} ({error.strerror or error}); choose another "
+                               "folder with --models-dir.") from None
+
+
+def check_disk_space(plans: list[ModelPlan], models_dir: Path) -> int:
+    """Refuse before the first byte when the downloads cannot fit."""
+    needed = sum(bytes_still_needed(p, models_dir / p.target.name) for p in plans)
+    free = shutil.disk_usage(models_dir).free
+    if needed > free:
+        raise common.UserError(f"The downloads need {common.human_bytes(needed)} but only {common.human_bytes(free)} "
+                               f"is free on {models_dir}; free some space or choose another folder with --models-dir.")
+    return needed
+
+
+# -------------------------------------------------------------------------------------------- progress
+def make_console():
+    from rich.console import Console
+    # Off a terminal rich would wrap tables at 80 columns; logs and CI read better unwrapped.
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
+class Reporter:
+    """Per-file and total progress: rich bars on a terminal, a few plain lines otherwise (rich honours NO_COLOR)."""
+
+    def __init__(self, console, total_bytes: int):
+        self.console, self.total_bytes = console, total_bytes
+        self.live = console.is_terminal
+        self.progress = self.file_task = self.total_task = None
+        self.label, self.file_size, self.file_done, self.file_fetched, self.total_fetched = "", None, 0, 0, 0
+        self.file_start = self.last_print = 0.0
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=self.console)
+            self.progress.start()
+            self.total_task = self.progress.add_task("total", total=self.total_bytes or None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def log(self, text: str, style: str | None = None) -> None:
+        from rich.text import Text
+        self.console.print(Text(text, style=style))
+
+    def start_file(self, label: str, size: int | None, already_bytes: int) -> None:
+        self.label, self.file_size, self.file_done, self.file_fetched = label, size, already_bytes, 0
+        self.file_start = self.last_print = time.perf_counter()
+        if self.live:
+            self.file_task = self.progress.add_task(label, total=size, completed=already_bytes)
+        elif already_bytes or (size or 0) >= PLAIN_START_LINE_BYTES:
+            resumed = f", resuming from {common.human_bytes(already_bytes)} on disk" if already_bytes else ""
+            self.log(f"{label}: fetching {common.human_bytes(size)}{resumed}")
+
+    def advance(self, n_bytes: int) -> None:
+        self.file_done += n_bytes
+        self.file_fetched += n_bytes
+        self.total_fetched += n_bytes
+        if self.live:
+            self.progress.advance(self.file_task, n_bytes)
+            self.progress.advance(self.total_task, n_bytes)
+        elif time.perf_counter() - self.last_print >= PLAIN_PROGRESS_EVERY_SEC:
+            self.last_print = time.perf_counter()
+            self.log(f"{self.label}: {common.human_bytes(self.file_done)} of {common.human_bytes(self.file_size)}, "
+                     f"{self.rate()}")
+
+    def finish_file(self) -> None:
+        if self.live:
+            self.progress.remove_task(self.file_task)
+        self.log(f"{self.label}: fetched {common.human_bytes(self.file_fetched)} in "
+                 f"{time.perf_counter() - self.file_start:.1f} s ({self.rate()}); run total "
+                 f"{common.human_bytes(self.total_fetched)} of {common.human_bytes(self.total_bytes)}")
+
+    def rate(self) -> str:
+        return f"{common.human_bytes(self.file_fetched / max(time.perf_counter() - self.file_start, 1e-6))}/s"
+
+
+class ProgressFile:
+    """The partial file as http_get sees it: every chunk is flushed (a kill keeps it) and counted."""
+
+    def __init__(self, raw, reporter: Reporter):
+        self.raw, self.reporter = raw, reporter
+
+    def write(self, data: bytes) -> int:
+        written = self.raw.write(data)
+        self.raw.flush()
+        self.reporter.advance(len(data))
+        return written
+
+    def __getattr__(self, name):  # seek/tell/truncate, used when a server ignores the Range header
+        return getattr(self.raw, name)
+
+
+# -------------------------------------------------------------------------------------------- download
+def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Reporter) -> dict:
+    """Fetch one file into <file>.partial, continuing from its size, check its hash, then rename it in place.
+
+    A hash mismatch is reported and the file fetched again from byte 0, once; a second mismatch raises."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    endpoint = hub_endpoint()
+    final, partial = folder / remote.path, folder / (remote.path + ".partial")
+    url = hf_hub_url(plan.target.hub_id, remote.path, revision=plan.commit, endpoint=endpoint)
+    metadata = get_hf_file_metadata(url, endpoint=endpoint, timeout=HUB_TIMEOUT_SEC)  # gated repos fail here
+    size = remote.size if remote.size is not None else metadata.size
+    if not (remote.sha256 or remote.git_oid) and metadata.etag:  # X-Linked-Etag: sha256 for LFS, git oid else
+        etag = metadata.etag
+        remote = dataclasses.replace(remote, size=size, sha256=etag if len(etag) == 64 else None,
+                                     git_oid=etag if len(etag) == 40 else None)
+    headers = build_hf_headers()
+    headers["Accept-Encoding"] = "identity"  # byte ranges must count stored bytes, not gzip ones
+    if urlparse(metadata.location).netloc != urlparse(url).netloc:
+        headers.pop("authorization", None)  # a signed CDN url: the token must not leave the hub
+    label = f"{plan.target.name}/{remote.path}"
+    record = {"path": remote.path, "size_bytes": size, "fetched_bytes": 0, "resumed_from_bytes": 0,
+              "status": "downloaded"}
+    for attempt in (1, 2):
+        resume = partial.stat().st_size if partial.exists() else 0
+        if size is not None and resume > size:
+            partial.unlink()
+            resume = 0
+        if attempt == 1:
+            record["resumed_from_bytes"] = resume
+        reporter.start_file(label, size, resume)
+        try:
+            with open(partial, "ab") as raw:
+                http_get(metadata.location, ProgressFile(raw, reporter), resume_size=resume, headers=headers,
+                         expected_size=size, displayed_filename=remote.path)
+        finally:  # also on Ctrl-C or a network error: what arrived stays in the partial file
+            reporter.finish_file()
+        record["fetched_bytes"] += reporter.file_fetched
+        ok, checked, actual = check_file(partial, remote)
+        if ok:
+            os.replace(partial, final)
+            return {**record, "verified_by": checked, "sha256": remote.sha256, "git_oid": remote.git_oid}
+        expected = {"sha256": remote.sha256, "git_blob_sha1": remote.git_oid}.get(checked) or str(size)
+        partial.unlink()  # bad bytes must not be resumed from
+        reporter.log(f"{label}: {checked} mismatch (expected {expected[:16]}, got {actual[:16]})"
+                     + ("; fetching it again." if attempt == 1 else "."), style="bold red")
+        record["status"] = "redownloaded"
+    raise CorruptFileError(f"{remote.path} failed its {checked} check twice (expected {expected[:16]}, "
+                           f"got {actual[:16]}); the hub or the network is serving bad bytes")
+
+
+def settle_file(plan: ModelPlan, remote: RemoteFile, folder: Path, manifest: dict, reporter: Reporter,
+                verify: bool) -> dict | None:
+    """One file's fate: trusted from our record, re-hashed, or fetched. None: bad or missing, and offline."""
+    final = folder / remote.path
+    kept = {"path": remote.path, "size_bytes": remote.size, "fetched_bytes": 0, "resumed_from_bytes": 0}
+    if final.exists() and not verify and is_recorded(final, remote, manifest):
+        return {**kept, "status": "present"}
+    if final.exists():
+        ok, checked, actual = check_file(final, remote)
+        if ok:
+            return {**kept, "status": "verified_on_disk", "verified_by": checked}
+        reporter.log(f"{plan.target.name}/{remote.path}: {checked} mismatch on disk (got {actual[:16]})"
+                     + ("." if plan.from_manifest else "; fetching it again."), style="bold red")
+        if plan.from_manifest:
+            return None
+        final.unlink()
+        return {**fetch_file(plan, remote, folder, reporter), "status": "redownloaded"}
+    return None if plan.from_manifest else fetch_file(plan, remote, folder, reporter)
+
+
+def download_model(plan: ModelPlan, folder: Path, reporter: Reporter, verify: bool) -> dict:
+    """Bring one model folder in line with the plan; returns its results entry (hub errors become a status)."""
+    target = plan.target
+    result = {"name": target.name, "hub_id": target.hub_id, "revision": plan.commit, "folder": str(folder),
+              "status": "up_to_date", "message": None, "n_files": len(plan.files),
+              "total_bytes": sum(f.size or 0 for f in plan.files), "fetched_bytes": 0, "resumed_bytes": 0,
+              "files": []}
+    manifest = read_manifest(folder)
+    if not manifest and (folder / "config.json").exists():
+        result.update(status="skipped", message=f"{folder} already holds a model that download_models.py did not "
+                      "fetch (e.g. a GGUF conversion); move it away or use --models-dir.")
+        return result
+    if manifest.get("revision") not in (None, plan.commit):
+        reporter.log(f"{target.name}: the hub moved from {manifest['revision'][:10]} to {(plan.commit or '?')[:10]};"
+                     " changed files are fetched again.")
+    folder.mkdir(parents=True, exist_ok=True)
+    verified = dict(manifest.get("files", {}))
+    start = time.perf_counter()
+    try:
+        bad = []
+        for remote in plan.files:
+            entry = settle_file(plan, remote, folder, manifest, reporter, verify)
+            if entry is None:
+                bad.append(remote.path)
+                continue
+            result["files"].append(entry)
+            verified[remote.path] = {"size_bytes": remote.size, "sha256": remote.sha256, "git_oid": remote.git_oid,
+                                     "verified_by": entry.get("verified_by")
+                                     or verified.get(remote.path, {}).get("verified_by")}
+            if not plan.from_manifest:
+                write_manifest(folder, plan, verified, complete=False)
+        if bad:  # only offline: online, a bad or missing file is fetched again
+            raise CorruptFileError(f"{', '.join(bad)} failed verification and the hub is not reachable to fetch "
+                                   "them again; run again with network access")
+        if not plan.from_manifest:
+            write_manifest(folder, plan, verified, complete=True)
+        refetched = [f["path"] for f in result["files"] if f["status"] == "redownloaded"]
+        fetched_any = refetched or any(f["status"] == "downloaded" for f in result["files"])
+        result["status"] = "downloaded" if fetched_any else ("verified" if verify else "up_to_date")
+        if refetched:
+            result["message"] = f"{target.name}: fetched again after a failed hash check: {', '.join(refetched)}."
+    except CorruptFileError as error:
+        result.update(status="corrupt", message=f"{target.name}: {error}.")
+    except network_errors() as error:
+        result.update(status="failed", message=f"{target.name}: network error ({first_line(error)}); run again "
+                      "to resume where it stopped.")
+    except OSError as error:  # hub HTTP errors are OSErrors too; a full disk or a size mismatch end up here
+        status, message = describe_hub_error(error, target.hub_id)
+        result.update(status=status, message=message)
+    result["fetched_bytes"] = sum(f["fetched_bytes"] for f in result["files"])
+    result["resumed_bytes"] = sum(f["resumed_from_bytes"] for f in result["files"])
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # a refused model (gated, say) leaves no empty folder behind
+    result["download_sec"] = time.perf_counter() - start
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- output
+def list_models(targets: list[Target], models_dir: Path, revision: str, console) -> None:
+    """The --list table: sizes and gated status from the hub when it answers, else from the registry."""
+    from huggingface_hub import HfApi, constants
+    from rich import box
+    from rich.table import Table
+
+    api = HfApi(endpoint=hub_endpoint())
+    offline_reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else None
+    table = Table(box=box.SIMPLE_HEAD if console.is_terminal else box.ASCII2)
+    for column in ("model", "hub id", "role", "gated", "weights", "size from", "on disk", "path"):
+        table.add_column(column, justify="right" if column == "weights" else "left")
+    for target in targets:
+        spec = target.spec
+        size = spec.hub_weight_bytes if spec else None
+        gated = ("yes" if spec.gated else "no") if spec else "?"
+        source = "registry, not verified online" if spec else "unknown offline"
+        if offline_reason is None:
+            try:
+                plan = plan_model(api, target, revision)
+                size, source = weight_bytes(plan.files), f"hub @ {(plan.commit or '?')[:10]}"
+                gated = f"yes ({plan.gated})" if plan.gated else "no"
+            except network_errors() as error:
+                offline_reason = f"the hub at {hub_endpoint()} is not reachable ({first_line(error)})"
+            except (OSError, common.UserError) as error:
+                source = f"hub: {describe_hub_error(error, target.hub_id)[0]}; registry figure"
+        folder = models_dir / target.name
+        table.add_row(target.name, target.hub_id, spec.role if spec else "-", gated, common.human_bytes(size),
+                      source, disk_state(folder), str(folder))
+    console.print(table)
+    if offline_reason:
+        console.print(f"Sizes and gated status come from the registry ({offline_reason}): not verified online.")
+
+
+def print_summary(results: list[dict], console) -> None:
+    from rich import box
+    from rich.table import Table
+    table = Table(box=box.SIMPLE_HEAD if console.is_terminal else box.ASCII2)
+    for column in ("model", "status", "files", "size", "fetched", "resumed from", "folder"):
+        table.add_column(column)
+    for r in results:
+        style = None if r["status"] in OK_STATUSES else "bold red"
+        table.add_row(r["name"], r["status"], str(r["n_files"]), common.human_bytes(r["total_bytes"]),
+                      common.human_bytes(r["fetched_bytes"]), common.human_bytes(r["resumed_bytes"]), r["folder"],
+                      style=style)
+    console.print(table)
+    for r in results:
+        if r["message"]:
+            print(("error: " if r["status"] not in OK_STATUSES else "note: ") + r["message"],
+                  file=sys.stderr if r["status"] not in OK_STATUSES else sys.stdout)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(common.SEED_MODELS),
+                        help="comma-separated registry names or hub ids, or 'all' (default: the four seed models)")
+    parser.add_argument("--targets", action="store_true",
+                        help="also fetch the 7-12B speculative-decoding targets of the chosen models")
+    parser.add_argument("--list", action="store_true", help="print size, gated status and on-disk state; no download")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash files already on disk (against the hub, or our record when offline) "
+                             "and fetch again any that fail")
+    parser.add_argument("--revision", default="main", help="branch, tag or commit to fetch")
+    parser.add_argument("--models-dir", type=Path, default=common.MODELS_DIR, help="where model folders go")
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR, help="where the JSON record goes")
+    return parser.parse_args(argv)
+
+
+def plan_all(targets: list[Target], args) -> tuple[list[ModelPlan], list[dict]]:
+    """Hub metadata for every model before any download; models the hub refuses become results right away."""
+    from huggingface_hub import HfApi
+    api = HfApi(endpoint=hub_endpoint())
+    plans, refused = [], []
+    for target in targets:
+        try:
+            plans.append(plan_model(api, target, args.revision))
+        except network_errors() as error:
+            if not args.verify:
+                raise common.UserError(f"Cannot reach the Hugging Face Hub at {hub_endpoint()} ({first_line(error)}); "
+                                       "check the network or HF_ENDPOINT (`--list` works offline).") from None
+            print(f"note: the hub at {hub_endpoint()} is not reachable; checking against the hashes recorded at "
+                  "download time.")
+            return verify_plans_offline(targets, args.models_dir)
+        except (OSError, common.UserError) as error:
+            refused.append(refused_result(target, args.models_dir, *describe_hub_error(error, target.hub_id)))
+    return plans, refused
+
+
+def verify_plans_offline(targets: list[Target], models_dir: Path) -> tuple[list[ModelPlan], list[dict]]:
+    plans, missing = [], []
+    for target in targets:
+        plan = plan_from_manifest(target, models_dir / target.name)
+        if plan:
+            plans.append(plan)
+        else:
+            missing.append(refused_result(target, models_dir, "failed", f"{target.name} has not been downloaded "
+                                          "by this tool, and the hub is not reachable to fetch it."))
+    return plans, missing
+
+
+def refused_result(target: Target, models_dir: Path, status: str, message: str) -> dict:
+    return {"name": target.name, "hub_id": target.hub_id, "revision": None, "folder": str(models_dir / target.name),
+            "status": status, "message": message, "n_files": 0, "total_bytes": 0, "fetched_bytes": 0,
+            "resumed_bytes": 0, "files": []}
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    from huggingface_hub import constants
+    from huggingface_hub.utils import disable_progress_bars
+    constants.DOWNLOAD_CHUNK_SIZE = CHUNK_BYTES
+    disable_progress_bars()  # our own bars replace the library's tqdm ones
+    targets = parse_targets(args.models, args.targets)
+    console = make_console()
+    if args.list:
+        list_models(targets, args.models_dir, args.revision, console)
+        return 0
+    ensure_writable(args.models_dir)
+    start = time.perf_counter()
+    plans, results = plan_all(targets, args)
+    needed = check_disk_space([p for p in plans if not p.from_manifest], args.models_dir)
+    with Reporter(console, needed) as reporter:
+        for plan in plans:
+            results.append(download_model(plan, args.models_dir / plan.target.name, reporter, args.verify))
+    results.sort(key=lambda r: [t.name for t in targets].index(r["name"]))
+    print_summary(results, console)
+    n_failed = sum(r["status"] not in OK_STATUSES for r in results)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"endpoint": hub_endpoint()}
+    record = common.result_record("download", config, common.environment("cpu"),
+                                  status="complete" if not n_failed else "failed", models=results,
+                                  n_failed=n_failed, fetched_bytes=sum(r["fetched_bytes"] for r in results),
+                                  run_sec=time.perf_counter() - start)
+    label = common.safe_name("+".join(t.name for t in targets))[:60]
+    try:
+        path = common.write_result(record, args.results_dir, name=f"download-{label}-{common.utc_stamp()}.json")
+    except OSError as error:
+        raise common.UserError(f"The downloads finished but the record could not be written to {args.results_dir} "
+                               f"({error.strerror or error}); choose another folder with --results-dir.") from None
+    print(f"Record written to {path}")
+    return 1 if n_failed else 0
+
+
+def main(argv=None) -> int:
+    return common.run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,445 @@
+"""download_models.py against a fake hub started here: real bytes, real huggingface_hub client code.
+
+The fake speaks the parts of the hub protocol huggingface_hub 2.4 reads (checked in its source):
+`api/models/<repo>/revision/<rev>` (siblings with lfs.sha256 when ?blobs=True), the tree listing with lfs.oid,
+HEAD/GET `<repo>/resolve/<rev>/<file>` with X-Repo-Commit, X-Linked-Etag, X-Linked-Size and, for LFS files,
+a 302 to a "CDN" on another origin (localhost vs 127.0.0.1, so the client drops its token), Range/206, and
+errors with X-Error-Code (GatedRepo 401, RepoNotFound 404, EntryNotFound 404). It counts every byte it sends.
+"""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "download_models.py"
+MiB = 1 << 20
+COMMIT = "c0ffee" + "0" * 34
+LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".onnx", ".gguf")
+# Files a real repo carries that loading does not need: none may ever be requested.
+DECOYS = {"pytorch_model.bin": 3000, "original/consolidated.pth": 2000, "onnx/model.onnx": 1000,
+          "model.Q4_K_M.gguf": 1000, "training_args.bin": 100, "README.md": 50, ".gitattributes": 30}
+
+
+# ------------------------------------------------------------------------------------------- the fake hub
+class FakeHub:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}
+        self.requests: list[dict] = []  # method, path (repo file), range, bytes sent, auth
+        self.drop_after: dict[str, int] = {}  # file -> bytes to send before closing the socket (once)
+        self.stall_after: dict[str, int] = {}  # file -> bytes to send before waiting for `release` (once)
+        self.corrupt: dict[str, int] = {}  # file -> how many more GETs get wrong bytes
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def add_repo(self, repo_id: str, folder: Path | None = None, gated=False, tree_only=False, extra=None):
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} \
+            if folder else {}
+        files.update(extra or {})
+        self.repos[repo_id] = {"files": files, "gated": gated, "tree_only": tree_only}
+
+    def bytes_sent(self, path: str, method="GET") -> int:
+        return sum(r["sent"] for r in self.requests if r["path"] == path and r["method"] == method)
+
+    def gets(self, path: str) -> list[dict]:
+        return [r for r in self.requests if r["path"] == path and r["method"] == "GET"]
+
+    @staticmethod
+    def lfs(path):
+        return path.endswith(LFS_SUFFIXES)
+
+    def entry(self, path, data, tree):
+        git_oid = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+        if not self.lfs(path):
+            return ({"type": "file", "path": path, "size": len(data), "oid": git_oid} if tree else
+                    {"rfilename": path, "size": len(data), "blobId": git_oid})
+        lfs = {"size": len(data), "pointerSize": 134}
+        sha = hashlib.sha256(data).hexdigest()
+        return ({"type": "file", "path": path, "size": len(data), "oid": "1" * 40, "lfs": {**lfs, "oid": sha}}
+                if tree else {"rfilename": path, "size": len(data), "blobId": "1" * 40, "lfs": {**lfs, "sha256": sha}})
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.route(body=False)
+
+    def do_GET(self):
+        self.route(body=True)
+
+    def reply(self, status, headers=None, body=b"", send_body=True):
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def error(self, status, code, message, send_body=True):
+        self.reply(status, {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+                   json.dumps({"error": message}).encode(), send_body)
+
+    def route(self, body):
+        hub: FakeHub = self.server.hub
+        url = urlsplit(self.path)
+        parts = unquote(url.path).strip("/").split("/")
+        query = parse_qs(url.query)
+        if parts[0] == "cdn":
+            repo = hub.repos[query["repo"][0]]
+            return self.send_file(query["path"][0], repo["files"][query["path"][0]], body, {})
+        if parts[:2] == ["api", "models"]:
+            repo_id, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                return self.error(404, "RepoNotFound", "Repository not found")
+            if rev not in ("main", COMMIT):
+                return self.error(404, "RevisionNotFound", "Invalid rev id")
+            if kind == "tree":
+                listing = [hub.entry(p, d, tree=True) for p, d in sorted(repo["files"].items())]
+                listing += [{"type": "directory", "path": d, "oid": "2" * 40, "size": 0} for d in ("onnx", "original")]
+                return self.reply(200, {"Content-Type": "application/json"}, json.dumps(listing).encode())
+            with_blobs = query.get("blobs") == ["True"] and not repo["tree_only"]
+            siblings = [hub.entry(p, d, tree=False) if with_blobs else {"rfilename": p}
+                        for p, d in sorted(repo["files"].items())]
+            info = {"id": repo_id, "sha": COMMIT, "gated": "manual" if repo["gated"] else False, "private": False,
+                    "siblings": siblings}
+            return self.reply(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo_id, rev, path = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                return self.error(404, "RepoNotFound", "Repository not found", body)
+            if repo["gated"]:  # the hub: 401 without a token, 403 for a token without access
+                status = 403 if "Authorization" in self.headers else 401
+                return self.error(status, "GatedRepo", f"Access to model {repo_id} is restricted. You must have "
+                                  "access to it and be authenticated to access it. Please log in.", body)
+            if path not in repo["files"] or rev not in ("main", COMMIT):
+                return self.error(404, "EntryNotFound", f"{path} does not exist on {rev}", body)
+            data = repo["files"][path]
+            if hub.lfs(path):
+                sha = hashlib.sha256(data).hexdigest()
+                host = f"http://localhost:{self.server.server_address[1]}"  # another origin, as a CDN is
+                with hub.lock:
+                    hub.requests.append({"method": self.command, "path": "resolve:" + path, "range": None,
+                                         "sent": 0, "auth": "Authorization" in self.headers})
+                return self.reply(302, {"Location": f"{host}/cdn/{sha}?repo={repo_id}&path={path}",
+                                        "X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{sha}"',
+                                        "X-Linked-Size": str(len(data)), "ETag": '"' + "1" * 40 + '"'},
+                                  send_body=body)
+            git_oid = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+            return self.send_file(path, data, body, {"X-Repo-Commit": COMMIT, "ETag": f'"{git_oid}"'})
+        self.error(404, "NotFound", "no such route", body)
+
+    def send_file(self, path, data, body, headers):
+        """200 or 206 for a Range, the drop/stall/corrupt tricks, and a count of the bytes really sent."""
+        hub: FakeHub = self.server.hub
+        start = 0
+        requested = self.headers.get("Range")
+        if requested:
+            start = int(requested.split("=")[1].split("-")[0])
+            headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        payload = data[start:]
+        with hub.lock:
+            if body and hub.corrupt.get(path):
+                hub.corrupt[path] -= 1
+                payload = bytes(b ^ 0xFF for b in payload[:64]) + payload[64:]
+            cut = hub.drop_after.pop(path, None) if body else None
+            stall = hub.stall_after.pop(path, None) if body else None
+            record = {"method": self.command, "path": path, "range": requested, "sent": 0,
+                      "auth": "Authorization" in self.headers}
+            hub.requests.append(record)
+        self.send_response(206 if requested else 200)
+        for key, value in {**headers, "Accept-Ranges": "bytes", "Content-Length": str(len(payload))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not body:
+            return
+        limit = cut if cut is not None else stall if stall is not None else len(payload)
+        try:
+            for offset in range(0, limit, 64 * 1024):
+                block = payload[offset:min(offset + 64 * 1024, limit)]
+                self.wfile.write(block)
+                record["sent"] += len(block)
+            if stall is not None:
+                hub.release.wait(30)
+            self.close_connection = limit < len(payload)  # a short body then EOF: what a dropped link looks like
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def hub_model(tmp_path_factory):
+    """A ~9 MB Llama (fp32, so the weights span several 1 MiB write chunks) with the tiny BPE tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import CHATML, build_tokenizer
+    dest = tmp_path_factory.mktemp("hub_model")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+                         eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture
+def hub(hub_model, monkeypatch):
+    fake = FakeHub()
+    decoys = {path: os.urandom(size) for path, size in DECOYS.items()}
+    fake.add_repo("org/tiny", hub_model, extra=decoys)
+    fake.add_repo("org/tree-only", hub_model, tree_only=True)
+    fake.add_repo("gated-org/locked", hub_model, gated=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.hub = fake
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    yield fake
+    fake.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return tmp_path / "models", tmp_path / "results"
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def run_main(argv, dirs, capsys):
+    import download_models
+    models_dir, results_dir = dirs
+    rc = download_models.main([*argv, "--models-dir", str(models_dir), "--results-dir", str(results_dir)])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return rc, out.out, out.err
+
+
+def subprocess_env(**extra) -> dict:
+    env = {**os.environ, "NO_COLOR": "1", **extra}
+    return env
+
+
+# ------------------------------------------------------------------------------------------------- tests
+def test_help_is_instant():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--verify" in done.stdout and "--targets" in done.stdout
+
+
+def test_file_selection_keeps_one_weight_format_and_puts_config_last():
+    import download_models
+    listing = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+               "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "consolidated.safetensors",
+               "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx", "model.Q4_K_M.gguf",
+               "training_args.bin", "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+               "tokenizer_config.json", "README.md", ".gitattributes"]
+    chosen = download_models.select_files([download_models.RemoteFile(p, 10, None, None) for p in listing])
+    assert [f.path for f in chosen] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "generation_config.json",
+        "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "config.json"]
+    bin_only = ["pytorch_model.bin", "training_args.bin", "config.json", "tokenizer.json"]
+    chosen = download_models.select_files([download_models.RemoteFile(p, 10, None, None) for p in bin_only])
+    assert [f.path for f in chosen] == ["pytorch_model.bin", "tokenizer.json", "config.json"]
+
+
+def test_list_offline_uses_marked_registry_sizes_and_online_uses_the_hub(hub, dirs, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    rc, out, _ = run_main(["--list"], dirs, capsys)
+    assert rc == 0
+    for name in common.SEED_MODELS:
+        assert name in out
+    assert common.human_bytes(common.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in out
+    assert "registry, not verified online" in out and "not reachable" in out
+    assert not dirs[0].exists()  # --list downloads nothing
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    rc, out, _ = run_main(["--list", "--models", "org/tiny,gated-org/locked"], dirs, capsys)
+    weights = len(hub.repos["org/tiny"]["files"]["model.safetensors"])
+    assert rc == 0 and f"hub @ {COMMIT[:10]}" in out and common.human_bytes(weights) in out
+    assert "yes (manual)" in out and "not verified online" not in out
+    assert not [r for r in hub.requests if r["method"] == "GET"]
+
+
+def test_download_fetches_only_what_loading_needs_and_loads(hub, dirs, capsys):
+    rc, out, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 0, err
+    folder = dirs[0] / "tiny"
+    on_disk = sorted(p.name for p in folder.iterdir())
+    served_files = sorted(p for p in hub.repos["org/tiny"]["files"] if p not in DECOYS)
+    assert on_disk == sorted(served_files + ["billion_llm_download.json"])
+    assert not any(hub.gets(decoy) for decoy in DECOYS)
+    # the LFS weights came from the "CDN" without the token; the hub itself saw it
+    assert hub.gets("model.safetensors") and not any(r["auth"] for r in hub.gets("model.safetensors"))
+    assert all(r["auth"] for r in hub.requests if r["path"] == "resolve:model.safetensors")
+    manifest = json.loads((folder / "billion_llm_download.json").read_text())
+    assert manifest["complete"] and manifest["revision"] == COMMIT
+    weights = hub.repos["org/tiny"]["files"]["model.safetensors"]
+    assert manifest["files"]["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert manifest["files"]["model.safetensors"]["verified_by"] == "sha256"
+    assert manifest["files"]["config.json"]["verified_by"] == "git_blob_sha1"
+    record = json.loads(next(dirs[1].glob("download-*.json")).read_text())
+    assert record["kind"] == "download" and record["status"] == "complete"
+    assert record["models"][0]["fetched_bytes"] == sum(len(hub.repos["org/tiny"]["files"][p]) for p in served_files)
+    loaded = common.load_model(str(folder), dtype="float32", log=lambda *_: None)
+    assert loaded.identity()["revision"] == COMMIT
+    # a second run finds everything verified on disk and fetches nothing
+    n_before = len(hub.requests)
+    rc, out, _ = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 0 and "up_to_date" in out
+    assert not [r for r in hub.requests[n_before:] if r["method"] == "GET" and r["sent"]]
+
+
+def test_killed_run_resumes_without_fetching_bytes_again(hub, dirs):
+    models_dir, results_dir = dirs
+    weights = hub.repos["org/tiny"]["files"]["model.safetensors"]
+    stall_at = 4 * MiB + 300 * 1024  # mid-chunk: the client has written 4 whole 1 MiB chunks
+    hub.stall_after["model.safetensors"] = stall_at
+    argv = [sys.executable, str(SCRIPT), "--models", "org/tiny", "--models-dir", str(models_dir),
+            "--results-dir", str(results_dir)]
+    proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = models_dir / "tiny" / "model.safetensors.partial"
+    deadline = time.time() + 40
+    while not (partial.exists() and partial.stat().st_size >= 4 * MiB) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    hub.release.set()
+    kept = partial.stat().st_size
+    assert kept == 4 * MiB and not (models_dir / "tiny" / "config.json").exists()
+
+    done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    second = hub.gets("model.safetensors")[-1]
+    assert second["range"] == f"bytes={kept}-"
+    assert second["sent"] == len(weights) - kept  # only the missing tail crossed the wire
+    total_sent = hub.bytes_sent("model.safetensors")
+    assert total_sent == stall_at + len(weights) - kept < 2 * len(weights)
+    final = models_dir / "tiny" / "model.safetensors"
+    assert common.sha256_file(final) == hashlib.sha256(weights).hexdigest() and not partial.exists()
+    record = json.loads(next(results_dir.glob("download-*.json")).read_text())
+    entry = next(f for f in record["models"][0]["files"] if f["path"] == "model.safetensors")
+    assert entry["resumed_from_bytes"] == kept and entry["fetched_bytes"] == len(weights) - kept
+    print(f"\nresume: file {len(weights)} B, killed with {kept} B on disk, re-run fetched {second['sent']} B, "
+          f"total served {total_sent} B vs {stall_at + len(weights)} B for a restart from 0")
+
+
+def test_dropped_connection_mid_file_resumes_within_the_run(hub, dirs, capsys):
+    weights = hub.repos["org/tiny"]["files"]["model.safetensors"]
+    drop_at = 2 * MiB + 500 * 1024
+    hub.drop_after["model.safetensors"] = drop_at
+    rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 0, err
+    first, second = hub.gets("model.safetensors")
+    resumed_from = int(second["range"].split("=")[1].rstrip("-"))
+    assert first["sent"] == drop_at and 0 < resumed_from <= drop_at and drop_at - resumed_from < MiB
+    assert second["sent"] == len(weights) - resumed_from
+    assert common.sha256_file(dirs[0] / "tiny" / "model.safetensors") == hashlib.sha256(weights).hexdigest()
+
+
+def test_corrupt_bytes_are_refetched_once_then_the_run_fails(hub, dirs, capsys, tmp_path):
+    hub.corrupt["model.safetensors"] = 1
+    rc, out, err = run_main(["--models", "org/tree-only"], dirs, capsys)  # hashes from the tree listing
+    assert rc == 0, err
+    assert "model.safetensors: sha256 mismatch" in out and "fetching it again" in out
+    record = json.loads(next(dirs[1].glob("download-*.json")).read_text())
+    entry = next(f for f in record["models"][0]["files"] if f["path"] == "model.safetensors")
+    assert entry["status"] == "redownloaded"
+
+    hub.corrupt["model.safetensors"] = 2
+    fresh = (tmp_path / "fresh-models", tmp_path / "fresh-results")
+    rc, out, err = run_main(["--models", "org/tiny"], fresh, capsys)
+    assert rc == 1 and "model.safetensors failed its sha256 check twice" in err
+    folder = fresh[0] / "tiny"
+    assert not (folder / "model.safetensors").exists() and not (folder / "config.json").exists()
+    manifest = folder / "billion_llm_download.json"
+    assert not (manifest.exists() and json.loads(manifest.read_text())["complete"])
+    record = json.loads(next(fresh[1].glob("download-*.json")).read_text())
+    assert record["status"] == "failed" and record["models"][0]["status"] == "corrupt"
+
+
+def test_verify_finds_a_corrupted_file_on_disk(hub, dirs, capsys, monkeypatch):
+    assert run_main(["--models", "org/tiny"], dirs, capsys)[0] == 0
+    weights_path = dirs[0] / "tiny" / "model.safetensors"
+    with open(weights_path, "r+b") as f:  # same size, one flipped byte: only a hash can tell
+        f.seek(5 * MiB)
+        byte = f.read(1)
+        f.seek(5 * MiB)
+        f.write(bytes([byte[0] ^ 1]))
+    rc, out, _ = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 0 and "mismatch" not in out  # without --verify the recorded size is trusted
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    rc, out, err = run_main(["--models", "org/tiny", "--verify"], dirs, capsys)
+    assert rc == 1 and "model.safetensors: sha256 mismatch on disk" in out
+    assert "model.safetensors failed verification" in err
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    n_before = len(hub.requests)
+    rc, out, err = run_main(["--models", "org/tiny", "--verify"], dirs, capsys)
+    assert rc == 0, err
+    fetched = {r["path"]: r["sent"] for r in hub.requests[n_before:] if r["method"] == "GET" and r["sent"]}
+    assert fetched == {"model.safetensors": weights_path.stat().st_size}  # only the bad file came again
+    good = hub.repos["org/tiny"]["files"]["model.safetensors"]
+    assert common.sha256_file(weights_path) == hashlib.sha256(good).hexdigest()
+
+
+def test_gated_and_missing_repos_fail_clearly_while_others_download(hub, dirs, capsys, monkeypatch):
+    rc, out, err = run_main(["--models", "gated-org/locked,org/missing,org/tiny"], dirs, capsys)
+    assert rc == 1
+    assert "https://huggingface.co/gated-org/locked" in err and "HF_TOKEN" in err and "hf auth login" in err
+    assert "your token has not been granted access" in err  # 403: a token was sent
+    assert "org/missing was not found on the hub" in err
+    assert (dirs[0] / "tiny" / "config.json").exists() and not (dirs[0] / "locked").exists()
+    record = json.loads(next(dirs[1].glob("download-*.json")).read_text())
+    assert [m["status"] for m in record["models"]] == ["gated", "not_found", "downloaded"]
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(dirs[0].parent / "no-token"))  # no stored login either
+    rc, _, err = run_main(["--models", "gated-org/locked"], dirs, capsys)  # 401: no token sent
+    assert rc == 1 and "gated-org/locked is gated: accept its licence at https://huggingface.co/gated-org/locked" in err
+
+
+def test_clear_one_line_errors(hub, dirs, capsys, monkeypatch, tmp_path):
+    import download_models
+    rc, _, err = run_main(["--models", "gpt-17"], dirs, capsys)
+    assert rc == 2 and "Unknown model 'gpt-17'" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc, _, err = run_main(["--models", "org/tiny"], (blocker / "models", dirs[1]), capsys)
+    assert rc == 2 and "Cannot write to" in err
+    with monkeypatch.context() as patch:
+        patch.setattr(download_models.shutil, "disk_usage", lambda _: SimpleNamespace(free=1000))
+        rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 2 and "only 1000 B is free" in err
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 2 and "Cannot reach the Hugging Face Hub" in err
+    for line in err.strip().splitlines():
+        assert line.startswith("error: ")
