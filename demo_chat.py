@@ -29,8 +29,12 @@ import common
 
 # Default cap on the history window, in tokens: Llama 3.2 advertises 131k, whose KV cache alone would need GiBs.
 MAX_CONTEXT_TOKENS = 8192
+MIN_CONTEXT_TOKENS = 16  # below this not even a template's headers fit
+# Control characters a model may emit (ESC above all) would drive the terminal: they are dropped from replies.
+CONTROL_CHARACTERS = dict.fromkeys([*range(0, 9), *range(11, 32), 127, *range(128, 160)])
 # A base model continues a plain transcript with the next user turn: the reply ends where that starts.
 PLAIN_STOP_TEXTS = ("\nUser:",)
+WARM_UP_TOKENS = 4  # untimed tokens after loading: the first forward passes pay for kernel and cache set-up
 # (type, lowest, highest) of the settings that /temp, /top-p and /max-tokens change.
 SETTING_LIMITS = {"temperature": (float, 0.0, 5.0), "top_p": (float, 0.01, 1.0), "max_new_tokens": (int, 1, 100_000)}
 COMMANDS = {
@@ -152,7 +156,10 @@ class Terminal:
                 text += piece
                 self.write(piece)
         except KeyboardInterrupt:
-            stats.stop_reason = "interrupted"
+            if stats.stop_reason == "running":
+                stats.stop_reason = "interrupted"
+        finally:
+            pieces.close()  # a reply stopped while printing still gets its memory reading
         self.write("\n")
         self.info(stats.line())
         return text
@@ -173,6 +180,9 @@ class Terminal:
             for one in stats:
                 if one.stop_reason == "running":
                     one.stop_reason = "interrupted"
+        finally:
+            for generator in generators:
+                generator.close()
         self.out.print(compare_table(labels, texts, stats, live=self.live))
         return texts
 
@@ -184,7 +194,7 @@ def compare_table(labels: list, texts: list, stats: list, live: bool):
     table = Table(box=box.ROUNDED if live else box.ASCII, expand=True, show_lines=True)
     for label in labels:
         table.add_column(label, ratio=1, style="cyan" if live else None, header_style="bold")
-    table.add_row(*[Text(text) for text in texts])
+    table.add_row(*[Text(text, overflow="fold") for text in texts])
     table.add_row(*[Text("..." if one.stop_reason == "running" else one.line(), style="dim") for one in stats])
     return table
 
@@ -222,6 +232,10 @@ def downloaded_models(models_dir: Path) -> list:
     return found
 
 
+def count_text(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 def choose_model(ui: Terminal, models_dir: Path) -> str:
     """The start-up menu: a number, a name or a path; Enter takes the default model."""
     from rich.table import Table
@@ -231,11 +245,15 @@ def choose_model(ui: Terminal, models_dir: Path) -> str:
         table.add_column(column)
     for number, (name, status) in enumerate(choices, 1):
         spec = common.REGISTRY.get(name)
-        table.add_row(str(number), name, f"{spec.n_params / 1e9:.2f} B" if spec else "?", status)
+        table.add_row(str(number), name, count_text(spec.n_params) if spec else "?", status)
     ui.out.print(table)
     ui.info("Others: python download_models.py --models NAME (see common.REGISTRY), or type a folder/.gguf path.")
     while True:
-        answer = ui.out.input(f"Model [1-{len(choices)}, name or path; Enter = {common.DEFAULT_MODEL}]: ").strip()
+        try:
+            answer = ui.out.input(f"Model [1-{len(choices)}, name or path; Enter = {common.DEFAULT_MODEL}]: ")
+        except EOFError:
+            raise common.UserError("No model was chosen.") from None
+        answer = answer.strip()
         if not answer:
             return common.DEFAULT_MODEL
         if not answer.isdigit():
@@ -263,11 +281,21 @@ def load_chat_model(name: str, args: argparse.Namespace, ui: Terminal) -> ChatMo
     templated = bool(getattr(loaded.tokenizer, "chat_template", None)) and (spec is None or spec.chat_template)
     chat = ChatModel(loaded, min(window, wanted_context), frozenset(common.stop_token_ids(loaded.tokenizer, spec)),
                      templated)
-    ui.info(f"{chat.label}: {loaded.n_params / 1e6:.0f}M parameters, {loaded.quantize if loaded.quantize != 'none' else loaded.dtype} "
-            f"on {loaded.device}, {chat.context_tokens}-token context, "
+    warm_up(chat)
+    weights = loaded.quantize if loaded.quantize != "none" else loaded.dtype
+    ui.info(f"{chat.label}: {count_text(loaded.n_params)} parameters, {weights} on {loaded.device}, "
+            f"{chat.context_tokens}-token context, "
             f"{'its chat template' if templated else 'plain User/Assistant prompt (no chat template)'}, "
             f"loaded in {loaded.load_sec:.1f} s ({common.human_bytes(loaded.weight_bytes)} of weights).")
     return chat
+
+
+def warm_up(chat: ChatModel) -> None:
+    """A few untimed tokens, so the first reply's timings are not one-off start-up costs (seconds on CPU)."""
+    settings = Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=WARM_UP_TOKENS)
+    ids = chat.loaded.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+    for _ in stream_reply(chat, ids, settings, WARM_UP_TOKENS, ReplyStats(chat.label)):
+        pass
 
 
 def open_models(session: Session, ui: Terminal, names: list) -> None:
@@ -322,13 +350,19 @@ def sample_next(logits, settings: Settings) -> int:
 
 def held_back(text: str, stop_texts: tuple) -> int:
     """How many trailing characters might be the start of a stop text (or half a UTF-8 character)."""
-    if text.endswith("\ufffd"):
-        return 1
+    if text.endswith("\ufffd"):  # the rest of a multi-byte character may be in the next token
+        return len(text) - len(text.rstrip("\ufffd"))
     for stop in stop_texts:
         for k in range(len(stop) - 1, 0, -1):
             if text.endswith(stop[:k]):
                 return k
     return 0
+
+
+def cache_keyword(model) -> str:
+    """transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; accept both."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def stream_reply(chat: ChatModel, prompt_ids: list, settings: Settings, max_new_tokens: int, stats: ReplyStats):
@@ -339,38 +373,43 @@ def stream_reply(chat: ChatModel, prompt_ids: list, settings: Settings, max_new_
     import torch
     model, tokenizer, device = chat.loaded.model, chat.loaded.tokenizer, chat.loaded.device
     stop_texts = () if chat.templated else PLAIN_STOP_TEXTS
+    keyword = cache_keyword(model)
     stats.n_prompt_tokens = len(prompt_ids)
     input_ids = torch.tensor([prompt_ids], device=device)
-    past, generated, text, shown = None, [], "", 0
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            start = time.perf_counter()
-            output = model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            token = sample_next(output.logits[0, -1], settings)  # .item() waits for the device
-            stats.generate_sec += time.perf_counter() - start
-            if stats.ttft_sec is None:
-                stats.ttft_sec = stats.generate_sec
+    cache, generated, text, shown = None, [], "", 0
+    try:
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                start = time.perf_counter()
+                output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{keyword: cache})
+                token = sample_next(output.logits[0, -1], settings)  # int() waits for the device
+                stats.generate_sec += time.perf_counter() - start
+                if stats.ttft_sec is None:
+                    stats.ttft_sec = stats.generate_sec
+                else:
+                    stats.n_decode_steps += 1
+                if token in chat.stop_ids:
+                    stats.stop_reason = "stop_token"
+                    break
+                generated.append(token)
+                stats.n_completion_tokens += 1
+                text = tokenizer.decode(generated, skip_special_tokens=True).translate(CONTROL_CHARACTERS)
+                cut = min((text.find(stop) for stop in stop_texts if stop in text), default=-1)
+                if cut >= 0:
+                    text, stats.stop_reason = text[:cut], "stop_text"
+                    break
+                visible = len(text) - held_back(text, stop_texts)
+                if visible > shown:
+                    yield text[shown:visible]
+                    shown = visible
+                cache = getattr(output, keyword)
+                input_ids = torch.tensor([[token]], device=device)
             else:
-                stats.n_decode_steps += 1
-            if token in chat.stop_ids:
-                stats.stop_reason = "stop_token"
-                break
-            generated.append(token)
-            stats.n_completion_tokens += 1
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            cut = min((text.find(stop) for stop in stop_texts if stop in text), default=-1)
-            if cut >= 0:
-                text, stats.stop_reason = text[:cut], "stop_text"
-                break
-            visible = len(text) - held_back(text, stop_texts)
-            if visible > shown:
-                yield text[shown:visible]
-                shown = visible
-            past, input_ids = output.past_key_values, torch.tensor([[token]], device=device)
-        else:
-            stats.stop_reason = "max_tokens" if max_new_tokens == settings.max_new_tokens else "context_full"
-    if len(text.rstrip("\ufffd")) > shown:
-        yield text.rstrip("\ufffd")[shown:]
+                stats.stop_reason = "max_tokens" if max_new_tokens == settings.max_new_tokens else "context_full"
+        if len(text.rstrip("\ufffd")) > shown:
+            yield text.rstrip("\ufffd")[shown:]
+    finally:  # also when Ctrl-C ends the reply: the timing line still shows the memory
+        stats.memory_in_use_bytes, stats.memory_kind = memory_in_use(device)
 
 
 def memory_in_use(device: str) -> tuple:
@@ -398,7 +437,6 @@ def prepare_reply(session: Session, ui: Terminal, side: int, user_text: str) -> 
 
 def finish_reply(session: Session, side: int, user_text: str, text: str, stats: ReplyStats) -> None:
     chat = session.chats[side]
-    stats.memory_in_use_bytes, stats.memory_kind = memory_in_use(chat.loaded.device)
     if text:  # an interrupted reply stays in the history: the model sees what the user saw
         session.histories[side] += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
     settings = dataclasses.asdict(session.settings)
@@ -465,6 +503,14 @@ def set_setting(settings: Settings, field: str, text: str) -> None:
     setattr(settings, field, value)
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    settings = Settings(system=args.system, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_tokens)
+    for field in SETTING_LIMITS:  # the same limits as the /commands
+        set_setting(settings, field, str(getattr(settings, field)))
+    return settings
+
+
 def command_setting(session: Session, ui: Terminal, name: str, arg: str) -> None:
     """/temp, /top-p, /max-tokens and /system: show the value, or set it."""
     field = {"/temp": "temperature", "/top-p": "top_p", "/max-tokens": "max_new_tokens", "/system": "system"}[name]
@@ -519,6 +565,7 @@ def run_command(session: Session, ui: Terminal, line: str, interactive: bool) ->
             ui.info("Answering: " + ", ".join(chat.label for chat in session.chats) + ". Use /model NAME|PATH.")
         else:
             open_models(session, ui, [target])
+            ui.info(f"Now chatting with {session.chats[0].label} (a fresh conversation).")
     elif name == "/compare":
         command_compare(session, ui, arg, interactive)
     elif name in ("/temp", "/top-p", "/max-tokens", "/system"):
@@ -576,8 +623,9 @@ def start_models(session: Session, ui: Terminal, names: list | None, interactive
         ui.info(f"No --model given: using {common.DEFAULT_MODEL}.")
         names = [common.DEFAULT_MODEL]
     while True:
+        names = names or [choose_model(ui, common.MODELS_DIR)]  # Ctrl-D here leaves: no model, no chat
         try:
-            open_models(session, ui, names or [choose_model(ui, common.MODELS_DIR)])
+            open_models(session, ui, names)
             return
         except common.UserError as error:
             if not interactive:
@@ -587,12 +635,13 @@ def start_models(session: Session, ui: Terminal, names: list | None, interactive
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Commands in the chat: " + ", ".join(c.split()[0] for c in COMMANDS))
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", help="registry name, model folder or .gguf file (skips the menu)")
-    which.add_argument("--compare", nargs=2, metavar=("A", "B"), help="answer every prompt with two models side by side")
+    which.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                       help="answer every prompt with two models side by side")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--system", default="", help="system prompt (default: none, the template's own)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -612,10 +661,9 @@ def chat_main(argv=None) -> int:
     args = parse_args(argv)
     interactive = sys.stdin.isatty() and args.prompt is None
     ui = Terminal(batch=not interactive)
-    settings = Settings(args.system, 0.0, 1.0, 1)
-    for field, value in (("temperature", args.temperature), ("top_p", args.top_p), ("max_new_tokens", args.max_tokens)):
-        set_setting(settings, field, str(value))
-    session = Session(args, settings)
+    if args.context_tokens is not None and args.context_tokens < MIN_CONTEXT_TOKENS:
+        raise common.UserError(f"--context-tokens must be at least {MIN_CONTEXT_TOKENS}.")
+    session = Session(args, settings_from_args(args))
     start_models(session, ui, args.compare or ([args.model] if args.model else None), interactive)
     common.set_seed(args.seed)
     if args.prompt is not None:
