@@ -21,6 +21,7 @@ program returns, so `os._exit(0)` or `sys.exit(0)` halfway through a test does n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -47,7 +48,12 @@ SWEEP_ROUNDS = 20  # kill rounds for leftover processes; a fork bomb capped by R
 BOOTSTRAP = r"""
 import os, resource, sys, traceback
 nonce = sys.stdin.readline().strip()
-sys.stdin.close(); os.close(0); sys.stdin = None
+sys.stdin.close()
+try:
+    os.close(0)
+except OSError:
+    pass
+sys.stdin = None
 for name, value in LIMITS:
     resource.setrlimit(getattr(resource, name), (value, value))
 with open("program.py") as f:
@@ -56,6 +62,7 @@ try:
     exec(compile(source, "program.py", "exec"), {"__name__": "sandboxed_program", "__builtins__": __builtins__})
 except BaseException:
     traceback.print_exc()
+    sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
 sys.stdout.flush()
@@ -87,6 +94,7 @@ class SandboxResult:
     stdout: str
     stderr: str
     n_leftover_killed: int  # processes still alive after the program ended, that we killed
+    uid: int | None  # the user id it ran as (None: ours)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +221,8 @@ def leftover_pids(uid: int | None, dedicated_uid: bool, session_id: int) -> list
 def kill_leftovers(uid: int | None, dedicated_uid: bool, session_id: int) -> int:
     """SIGKILL the process group, then sweep until nothing of the sample is alive; returns how many were killed."""
     killed = set()
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(session_id, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     for _ in range(SWEEP_ROUNDS):
         pids = leftover_pids(uid, dedicated_uid, session_id)
         if not pids:
@@ -231,11 +237,29 @@ def kill_leftovers(uid: int | None, dedicated_uid: bool, session_id: int) -> int
     return len(killed)
 
 
-def _read_tail(path: Path) -> str:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - KEEP_OUTPUT_BYTES))
-        return f.read().decode("utf-8", "replace")
+def remove_stray_files(uid: int) -> None:
+    """A throwaway uid can write only where everyone may (/tmp, /dev/shm...): remove what it left there."""
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+
+
+def _read_tail(handle) -> str:
+    handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, handle.tell() - KEEP_OUTPUT_BYTES))
+    return handle.read().decode("utf-8", "replace")
 
 
 def _failure_reason(returncode: int | None, stderr: str) -> str:
@@ -244,6 +268,8 @@ def _failure_reason(returncode: int | None, stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     if lines:
         return f"failed: {lines[-1][:300]}"
+    if returncode == 0:
+        return "failed: the program ended before its tests finished (exit code 0 without the completion nonce)"
     return f"failed: exit code {returncode}"
 
 
@@ -256,7 +282,6 @@ def run_python(source: str, limits: SandboxLimits | None = None) -> SandboxResul
     nonce = secrets.token_hex(16)
     try:
         (workdir / "program.py").write_text(source)
-        stdout_path, stderr_path = workdir / "stdout.txt", workdir / "stderr.txt"
         user = {}
         if uid is not None:
             os.chown(workdir, uid, uid)
@@ -265,7 +290,8 @@ def run_python(source: str, limits: SandboxLimits | None = None) -> SandboxResul
         os.chmod(workdir, 0o700)
         bootstrap = BOOTSTRAP.replace("LIMITS", repr(limits.rlimits()))
         start = time.perf_counter()
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        # The parent keeps its own handles on the output files: the program may delete or replace the names.
+        with open(workdir / "stdout.txt", "w+b") as out, open(workdir / "stderr.txt", "w+b") as err:
             process = subprocess.Popen([chosen.interpreter, "-I", "-B", "-c", bootstrap], cwd=workdir,
                                        env=scrubbed_env(str(workdir)), stdin=subprocess.PIPE, stdout=out, stderr=err,
                                        close_fds=True, start_new_session=True, **user)
@@ -279,11 +305,14 @@ def run_python(source: str, limits: SandboxLimits | None = None) -> SandboxResul
                 returncode = process.wait(timeout=limits.timeout_sec)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 returncode = process.wait()
-        wall_sec = time.perf_counter() - start
-        n_killed = kill_leftovers(uid, chosen.dedicated_uid, process.pid)
-        stdout, stderr = _read_tail(stdout_path), _read_tail(stderr_path)
+            wall_sec = time.perf_counter() - start
+            n_killed = kill_leftovers(uid, chosen.dedicated_uid, process.pid)
+            stdout, stderr = _read_tail(out), _read_tail(err)
+        if chosen.dedicated_uid:
+            remove_stray_files(uid)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     passed = not timed_out and returncode == 0 and stdout.rstrip("\n").endswith(nonce)
@@ -294,7 +323,7 @@ def run_python(source: str, limits: SandboxLimits | None = None) -> SandboxResul
         result = "timed out"
     else:
         result = _failure_reason(returncode, stderr)
-    return SandboxResult(passed, result, returncode, wall_sec, stdout, stderr, n_killed)
+    return SandboxResult(passed, result, returncode, wall_sec, stdout, stderr, n_killed, uid)
 
 
 def humaneval_program(problem: dict, completion: str) -> str:

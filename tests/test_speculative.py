@@ -1,0 +1,304 @@
+"""speculative_demo.py on tiny random models: greedy output identical to the target's, caches rolled back to the
+accepted prefix, the sampling rule keeps the target's distribution, vocabulary mismatches refused or aligned."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import common  # noqa: E402
+import speculative_demo as sd  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a busy 2-core machine run 10-50x faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        yield
+    torch.set_num_threads(threads)
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """The target with its weights nudged: agrees often but not always, so every accepted length shows up."""
+    draft = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return draft
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory):
+    from tiny_models import build_tiny_model
+    target = load(tiny_models["llama"])
+    other = load(build_tiny_model("llama", tmp_path_factory.mktemp("seed1") / "llama", seed=1))
+    return {"target": target, "independent": other, "noisy": noisy_copy(target, 0.03, seed=0), "same": target,
+            "target_path": tiny_models["llama"]}
+
+
+def random_prompts(n: int, seed: int, vocab: int = 384):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 24, (n,), generator=generator).tolist()
+    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for length in lengths]
+
+
+# -------------------------------------------------------------------------------------------- greedy
+@pytest.mark.parametrize("draft_name", ["independent", "noisy", "same"])
+def test_greedy_output_is_the_targets_own(models, draft_name):
+    target, draft = models["target"], models[draft_name]
+    histogram = {}
+    for index, prompt in enumerate(random_prompts(5, seed=len(draft_name))):
+        stop_ids = (0,) if index % 2 else ()  # half the runs may stop early at the tiny models' EOS
+        reference = sd.reference_generate(target, prompt, max_new_tokens=20, stop_ids=stop_ids)
+        for k in (1, 2, 4, 7):
+            out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k, stop_ids=stop_ids)
+            assert out.tokens == reference.tokens, (draft_name, index, k)
+            assert len(out.kinds) == len(out.tokens)
+            for step in out.steps:
+                histogram[step["n_accepted"]] = histogram.get(step["n_accepted"], 0) + 1
+        adaptive = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, stop_ids=stop_ids,
+                                           adaptive=sd.AdaptiveK(k_start=3, k_max=6))
+        assert adaptive.tokens == reference.tokens
+    if draft_name == "noisy":  # partial acceptance really happened, so the rollback paths were exercised
+        assert histogram.get(0, 0) > 0 and sum(v for n, v in histogram.items() if 0 < n < 7) > 10
+
+
+def test_identical_draft_accepts_every_token(models):
+    prompt = random_prompts(1, seed=7)[0]
+    out = sd.speculative_generate(models["target"], models["same"], prompt, max_new_tokens=21, k=4)
+    stats = sd.run_stats("ours", out)
+    assert stats["acceptance_rate"] == 1.0 and stats["alpha"] == 1.0
+    assert [s["n_accepted"] for s in out.steps] == [4] * 4
+    assert out.kinds == ["target"] + (["accepted"] * 4 + ["bonus"]) * 4
+
+
+def test_independent_draft_is_mostly_rejected_and_adaptive_k_backs_off(models):
+    prompt = random_prompts(1, seed=3)[0]
+    adaptive = sd.AdaptiveK(k_start=4, k_max=8)
+    out = sd.speculative_generate(models["target"], models["independent"], prompt, max_new_tokens=60,
+                                  adaptive=adaptive)
+    assert sd.run_stats("ours", out)["acceptance_rate"] < 0.3
+    assert out.k_trace[0] == 4 and out.k_trace[-10:].count(0) >= 7  # mostly plain target steps at the end
+    assert out.steps[0]["k"] < 4  # and the unsure draft stopped before its cap
+
+
+# -------------------------------------------------------------------------------------------- caches
+def last_logits(model, ids):
+    return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def test_caches_roll_back_to_the_accepted_prefix(models):
+    target, draft = models["target"], models["noisy"]
+    prompt = random_prompts(1, seed=11)[0]
+    out = sd.speculative_generate(target, draft, prompt, max_new_tokens=40, k=5)
+    assert any(s["n_accepted"] < s["k"] for s in out.steps), "no rejection happened: the test proves nothing"
+    for step in out.steps:  # after every step, including the rejected ones
+        assert step["target_cache_len"] == step["sequence_len"] - 1
+        assert step["draft_cache_len"] <= step["sequence_len"] - 1
+    # Continuing from the rolled-back caches gives the logits of a fresh forward over the whole sequence.
+    sequence = prompt + out.tokens
+    target_cache, draft_cache = out.caches
+    assert target_cache.get_seq_length() == len(sequence) - 1
+    for model, cache in ((target, target_cache), (draft, draft_cache)):
+        feed = sequence[cache.get_seq_length():]
+        continued = sd.timed_forward(model, feed, cache, 1, [], "x", "cpu")[-1]
+        torch.testing.assert_close(continued, last_logits(model, sequence), atol=1e-4, rtol=1e-4)
+
+
+def test_rollback_drops_exactly_the_rejected_tokens(models):
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    ids = random_prompts(1, seed=5)[0]
+    sd.timed_forward(models["target"], ids + [5, 6, 7], cache, 1, [], "x", "cpu")
+    sd.rollback(cache, len(ids))
+    assert cache.get_seq_length() == len(ids)
+    continued = sd.timed_forward(models["target"], [9], cache, 1, [], "x", "cpu")[-1]
+    torch.testing.assert_close(continued, last_logits(models["target"], ids + [9]), atol=1e-4, rtol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- sampling
+def total_variation(counts, probs) -> float:
+    empirical = counts / counts.sum()
+    return 0.5 * float((empirical - probs).abs().sum())
+
+
+def noise_bound(vocab: int, n: int) -> float:
+    """Three times the bound 0.5 * sqrt(2 V / (pi n)) on the expected total variation of n samples over V ids."""
+    return 3 * 0.5 * (2 * vocab / (torch.pi * n)) ** 0.5
+
+
+def test_accept_rule_keeps_the_target_distribution_at_every_position():
+    """Fixed p (target) and q (draft) per position; 10,000 steps of the accept rule with drafts drawn from q."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, k, n_trials = 6, 3, 10_000
+    p = torch.distributions.Dirichlet(torch.ones(vocab)).sample((k + 1,))
+    q = torch.distributions.Dirichlet(torch.ones(vocab)).sample((k + 1,))
+    p_logits = p.log()  # temperature 1: softmax(log p) = p
+    counts = torch.zeros(k + 1, vocab)
+    for _ in range(n_trials):
+        drafts = [int(torch.multinomial(q[i], 1, generator=generator)) for i in range(k)]
+        n, token = sd.accept_drafts(p_logits, [q[i] for i in range(k)], drafts, 1.0, generator)
+        for position, emitted in enumerate(drafts[:n] + [token]):
+            counts[position, emitted] += 1
+    for position in range(k + 1):  # position i is reached only when the drafts before it were accepted
+        bound = noise_bound(vocab, int(counts[position].sum()))
+        assert total_variation(counts[position], p[position]) < bound, position
+        assert total_variation(counts[position], q[position]) > 2 * bound  # the test can tell p from q
+    assert counts[k].sum() > 300  # the bonus position was reached often enough to mean something
+
+
+def binned(distribution, bins):
+    """Probabilities of the given ids plus one bin for everything else."""
+    kept = distribution[bins]
+    return torch.cat([kept, (distribution.sum() - kept.sum()).reshape(1)])
+
+
+def test_sampling_end_to_end_matches_the_target_distribution(models):
+    """Second token of real speculative runs (the first speculative step, k=2) vs the target's exact marginal
+    sum_t1 p(t1) p(t2 | t1), on its 15 likeliest ids plus 'other'. The threshold is the largest of 300 binned
+    TVs of exact samples from that marginal (the null); a sampler that emitted the draft's tokens would be far off."""
+    target, draft = models["target"], models["noisy"]
+    prompt = random_prompts(1, seed=2)[0]
+    temperature, n_runs = 0.6, 600
+    vocab = target.config.vocab_size
+    batch = torch.tensor([prompt + [t] for t in range(vocab)])
+    p1 = torch.softmax(last_logits(target, prompt) / temperature, dim=-1)
+    marginal = p1 @ torch.softmax(target(input_ids=batch).logits[:, -1] / temperature, dim=-1)
+    draft_marginal = p1 @ torch.softmax(draft(input_ids=batch).logits[:, -1] / temperature, dim=-1)
+    bins = marginal.topk(15).indices
+    counts, n_accepted = torch.zeros(vocab), 0
+    for seed in range(n_runs):
+        out = sd.speculative_generate(target, draft, prompt, max_new_tokens=4, k=2, temperature=temperature,
+                                      seed=seed)
+        assert out.steps[0]["k"] == 2
+        counts[out.tokens[1]] += 1
+        n_accepted += out.kinds[1] == "accepted"
+    generator = torch.Generator().manual_seed(0)
+    null = [total_variation(binned(torch.bincount(torch.multinomial(marginal, n_runs, True, generator=generator),
+                                                  minlength=vocab).float(), bins), binned(marginal, bins))
+            for _ in range(300)]
+    threshold = max(null)
+    assert total_variation(binned(counts, bins), binned(marginal, bins)) <= threshold
+    assert 0.5 * float((binned(draft_marginal, bins) - binned(marginal, bins)).abs().sum()) > 1.5 * threshold
+    assert 0.2 * n_runs < n_accepted < 0.95 * n_runs  # both the accept and the residual paths were taken
+
+
+# -------------------------------------------------------------------------------------------- vocabularies
+def test_different_tokenizers_are_refused_with_a_clear_message(tmp_path, tiny_models, capsys):
+    from tiny_models import build_tiny_model
+    smaller = build_tiny_model("llama", tmp_path / "v300", vocab_size=300)
+    code = sd.main(["--draft", str(smaller), "--target", str(tiny_models["llama"]), "--no-save", "--threads", "1"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "do not share a vocabulary" in error and "--universal" in error and "Traceback" not in error
+
+
+def test_universal_flag_runs_transformers_universal_assisted_generation(tmp_path, tiny_models, results_dir):
+    from tiny_models import build_tiny_model
+    smaller = build_tiny_model("llama", tmp_path / "v300", vocab_size=300)
+    code = sd.main(["--draft", str(smaller), "--target", str(tiny_models["llama"]), "--universal", "--threads", "1",
+                    "--max-new-tokens", "8", "--n-prompts", "1", "--results-dir", str(results_dir)])
+    assert code == 0
+    record = json.loads(next(results_dir.glob("speculative-*.json")).read_text())
+    assert record["universal"] and set(record["methods"]) == {"target_only", "assisted"}
+    assert record["k_sweep"] == []
+
+
+def test_padded_embedding_rows_are_aligned(models):
+    """pythia-1b (50304 rows) drafting for pythia-6.9b (50432): same tokenizer, different logits widths."""
+    target = models["target"]
+    wide_draft = noisy_copy(target, 0.03, seed=1)
+    wide_draft.resize_token_embeddings(448)  # more rows than the target
+    wide_target = copy.deepcopy(target)
+    wide_target.resize_token_embeddings(512)  # more rows than the draft
+    prompt = random_prompts(1, seed=9)[0]
+    for t, d in ((target, wide_draft), (wide_target, models["noisy"])):
+        reference = sd.reference_generate(t, prompt, max_new_tokens=20)
+        assert sd.speculative_generate(t, d, prompt, max_new_tokens=20, k=4).tokens == reference.tokens
+    logits = torch.randn(2, 10)
+    assert sd.align_vocab(logits, 8).shape == (2, 8)
+    padded = sd.align_vocab(logits, 12)
+    assert padded.shape == (2, 12) and torch.isinf(padded[:, 10:]).all()
+
+
+# -------------------------------------------------------------------------------------------- adaptive, formulas
+def test_adaptive_k_climbs_when_drafts_pass_and_falls_back_to_plain_decoding():
+    cheap = [("draft", 1, 0.1)]
+    climbing = sd.AdaptiveK(k_start=2, k_max=6)
+    for _ in range(12):
+        k = climbing.k
+        climbing.update(k, k, cheap * k + [("target", k + 1, 1.0)])
+    assert climbing.k == 6
+    falling = sd.AdaptiveK(k_start=4, k_max=6)
+    trace = []
+    for _ in range(40):
+        k = falling.k
+        trace.append(k)
+        falling.update(k, 0, cheap * k + [("target", k + 1, 1.0 + 0.05 * k)])
+    assert trace[6:].count(0) >= 30 and 1 in trace[6:]  # plain decoding, with an occasional k=1 probe
+
+
+def test_expected_speedup_and_break_even():
+    assert sd.expected_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
+    assert sd.expected_speedup(0.0, 4, 0.25) == pytest.approx(0.5)
+    alpha = sd.break_even_alpha(4, 0.3)
+    assert 0 < alpha < 1 and sd.expected_speedup(alpha, 4, 0.3) == pytest.approx(1.0, abs=1e-6)
+    assert sd.break_even_alpha(3, 1.0) is None  # a draft as costly as the target never pays
+
+
+# -------------------------------------------------------------------------------------------- the CLI
+def test_missing_pair_says_exactly_what_to_download(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+    monkeypatch.setattr(common, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert sd.main(["--no-save"]) == 2
+    error = capsys.readouterr().err
+    assert "qwen-coder-0.5b and qwen-coder-1.5b are not on disk" in error
+    assert "python download_models.py --models qwen-coder-0.5b --targets" in error
+    assert "--draft PATH --target PATH" in error and "Traceback" not in error
+
+
+def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_path, capsys):
+    draft_dir = tmp_path / "noisy"
+    models["noisy"].save_pretrained(draft_dir)
+    for file in Path(models["target_path"]).iterdir():  # the same tokenizer files as the target
+        if not (draft_dir / file.name).exists():
+            (draft_dir / file.name).write_bytes(file.read_bytes())
+    code = sd.main(["--draft", str(draft_dir), "--target", str(models["target_path"]), "--dtype", "float32",
+                    "--max-new-tokens", "16", "--k", "3", "--k-max", "5", "--k-sweep", "1,4", "--threads", "1",
+                    "--methods", ",".join(sd.METHODS), "--results-dir", str(results_dir)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    record = json.loads(next(results_dir.glob("speculative-*.json")).read_text())
+    assert record["kind"] == "speculative" and record["dtype"] == "float32"
+    assert set(record["methods"]) == set(sd.METHODS)
+    assert record["lossless"]["checked"] and record["lossless"]["n_runs"] == 2 + 2 + 4
+    assert record["lossless"]["n_identical"] == record["lossless"]["n_runs"]
+    assert [row["k"] for row in record["k_sweep"]] == [1, 4]
+    assert record["methods"]["ours"]["acceptance_rate"] > 0 and record["cost"]["cost_ratio"] > 0
+    assert "lossless check (float32), ours: 8/8" in out
+    assert "[" in out and "draft token accepted" in out  # plain-text markers, since stdout is not a terminal
+
+
+def test_benchmark_help_is_fast():
+    code = ("import runpy, sys; sys.argv = ['speculative_vs_assisted.py', '--help']\n"
+            f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'speculative_vs_assisted.py')!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
