@@ -311,28 +311,32 @@ def mmlu_rows(tokenizer, contexts: list[str], max_length: int) -> list[list[Scor
     return questions
 
 
-def row_logliks(logprobs, row: ScoringRow, end: int) -> dict[int, float]:
-    """Sum of log-probabilities of each choice's tokens; `end` is the row's last input position in `logprobs`."""
-    scores = {}
-    for choice, tokens in row.targets.items():
-        m = len(tokens)
-        positions = range(end - m + 1, end + 1)
-        scores[choice] = float(sum(logprobs[p, t] for p, t in zip(positions, tokens)))
-    return scores
+def choice_logprobs(model, input_ids, keep, cache=None):
+    """Float32 log-probabilities at the positions `keep` (an int: the last ones; a tensor: those indices).
 
-
-def score_rows_plain(model, rows: list[ScoringRow]) -> list[dict[int, float]]:
-    """Reference scoring: one full-prompt forward per row, batch size 1, no cache (what lm-eval computes)."""
+    The output head runs in float32 on the few kept positions: in bf16 the logits of a small model (|x| ~ 16-32)
+    are rounded to steps of 0.125, which makes exact ties between letters common and flips answers on noise.
+    Models with logit soft-capping or scaling keep their own head."""
     import torch
-    device = model.device
-    out = []
-    for row in rows:
-        keep = max(len(t) for t in row.targets.values())
-        with torch.inference_mode():
-            logits = model(torch.tensor([row.input_ids], device=device), use_cache=False,
-                           logits_to_keep=keep).logits[0]
-        out.append(row_logliks(torch.log_softmax(logits.float(), dim=-1).cpu(), row, keep - 1))
-    return out
+    head = model.get_output_embeddings()
+    plain_head = isinstance(head, torch.nn.Linear) and head.weight.dtype in (torch.float32, torch.bfloat16,
+                                                                             torch.float16)
+    special = any(getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+    extra = cache_kwargs(model, cache) if cache is not None else {"use_cache": False}
+    if not plain_head or special:
+        logits = model(input_ids, logits_to_keep=keep, **extra).logits
+    else:
+        hidden = model.base_model(input_ids, **extra).last_hidden_state
+        hidden = hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep]
+        bias = head.bias.float() if head.bias is not None else None
+        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def score_rows_plain(model, rows: list[ScoringRow], batch_size: int = 1) -> list[dict[int, float]]:
+    """Reference scoring: each row's full prompt in a forward pass of its own, no cache, as lm-eval computes
+    it at batch size 1. (batch_size > 1 right-pads rows together, as lm-eval's --batch_size does.)"""
+    return score_rows_batched(model, rows, 0, [], batch_size)
 
 
 def shared_prefix_length(rows: list[ScoringRow]) -> int:
@@ -367,32 +371,38 @@ def prefix_cache(model, rows: list[ScoringRow]) -> tuple[int, list]:
 
 def score_rows_with_prefix(model, rows: list[ScoringRow], prefix_len: int, layers: list,
                            batch_size: int = 8) -> list[dict[int, float]]:
-    """Same scores as score_rows_plain, reusing the prefix KV cache and batching the suffixes (right-padded:
-    pads come after a row's real tokens, so causal attention never lets a real token see one)."""
+    """Same scores as score_rows_plain, reusing the prefix KV cache (from prefix_cache) for every row and
+    batching the rows' own suffixes."""
+    return score_rows_batched(model, rows, prefix_len, layers, batch_size)
+
+
+def score_rows_batched(model, rows: list[ScoringRow], prefix_len: int, layers: list,
+                       batch_size: int) -> list[dict[int, float]]:
+    """Log-likelihood of each row's choices. Rows go in batches, right-padded: pads come after a row's real
+    tokens, so causal attention never lets a real token see one, and each row is read at its own positions.
+    With a prefix (prefix_len > 0), only the tokens after it are computed, against a copy of its KV cache."""
     import torch
     from transformers import DynamicCache
-    if not prefix_len:
-        return score_rows_plain(model, rows)
     scores: list[dict[int, float] | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # similar lengths: little padding
     device = model.device
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        suffixes = [rows[i].input_ids[prefix_len:] for i in batch]
-        width = max(len(s) for s in suffixes)
-        input_ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in suffixes], device=device)
-        # A fresh cache per batch: DynamicCache.update concatenates, so the expanded prefix views are only read.
-        cache = DynamicCache([(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1))
-                              for k, v in layers], config=model.config)
-        keep = sorted({p for s, i in zip(suffixes, batch)
-                       for p in range(len(s) - max(len(t) for t in rows[i].targets.values()), len(s))})
+        parts = [rows[i].input_ids[prefix_len:] for i in batch]
+        width = max(len(p) for p in parts)
+        input_ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in parts], device=device)
+        cache = None
+        if prefix_len:  # a fresh cache per batch: DynamicCache.update concatenates, the prefix views are only read
+            cache = DynamicCache([(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1))
+                                  for k, v in layers], config=model.config)
+        keep = sorted({p for part, i in zip(parts, batch)
+                       for p in range(len(part) - max(len(t) for t in rows[i].targets.values()), len(part))})
         with torch.inference_mode():
-            logits = model(input_ids, **cache_kwargs(model, cache),
-                           logits_to_keep=torch.tensor(keep, device=device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            logprobs = choice_logprobs(model, input_ids, torch.tensor(keep, device=device), cache)
         where = {p: j for j, p in enumerate(keep)}
-        for b, (suffix, i) in enumerate(zip(suffixes, batch)):
-            scores[i] = {choice: float(sum(logprobs[b, where[len(suffix) - len(tokens) + k], token]
+        for b, (part, i) in enumerate(zip(parts, batch)):
+            # a choice of m tokens is predicted by the row's last m positions
+            scores[i] = {choice: float(sum(logprobs[b, where[len(part) - len(tokens) + k], token]
                                            for k, token in enumerate(tokens)))
                          for choice, tokens in rows[i].targets.items()}
     return scores
@@ -412,9 +422,10 @@ def question_scores(rows_per_question: list[list[ScoringRow]], row_scores: list[
 
 def score_mmlu_subject(model, tokenizer, subject: str, exemplars: list, questions: list, use_cache: bool = True,
                        batch_size: int = 8, chunk: int = 0, on_chunk=None) -> tuple[list[list[float]], dict]:
-    """Four log-likelihoods per question, prefix-cached or plain; plus how they were computed.
-    With `chunk`, questions are scored `chunk` at a time (one prefix cache for all) and `on_chunk(questions,
-    scores)` is called after each, so that a long subject can be logged as it goes."""
+    """Four log-likelihoods per question, prefix-cached or plain (full prompts, `batch_size` at a time; 1 is
+    lm-eval's batch-1 reference); plus how they were computed. With `chunk`, questions are scored `chunk` at a
+    time (one prefix cache for all) and `on_chunk(questions, scores)` is called after each, so that a long
+    subject is logged as it goes."""
     max_length = getattr(model.config, "max_position_embeddings", None) or 2048
     contexts = [mmlu_context(subject, exemplars, q) for q in questions]
     rows_per_question = mmlu_rows(tokenizer, contexts, max_length)
@@ -581,8 +592,9 @@ def time_decode(loaded, n_tokens: int, seed: int) -> float:
 class Progress:
     """A rich progress bar with ETA on a terminal; plain lines every ~15 s (and at the end) otherwise."""
 
-    def __init__(self, console, description: str, total: int):
-        self.console, self.description, self.total, self.done = console, description, total, 0
+    def __init__(self, console, description: str, total: int, already_done: int = 0):
+        self.console, self.description, self.total = console, description, total
+        self.done = self.already_done = already_done  # resumed work: shown, but not in the rate behind the ETA
         self.start = self.last_print = time.perf_counter()
         self.bar = None
         if console.is_terminal:
@@ -595,7 +607,7 @@ class Progress:
     def __enter__(self):
         if self.bar:
             self.bar.start()
-            self.task = self.bar.add_task(self.description, total=self.total)
+            self.task = self.bar.add_task(self.description, total=self.total, completed=self.already_done)
         return self
 
     def advance(self, n: int = 1, note: str = ""):
@@ -605,7 +617,8 @@ class Progress:
         elif time.perf_counter() - self.last_print > 15 or self.done >= self.total:
             self.last_print = time.perf_counter()
             elapsed = self.last_print - self.start
-            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            new = self.done - self.already_done
+            eta = elapsed / new * (self.total - self.done) if new else float("nan")
             print(f"  {self.description}: {self.done}/{self.total} {note} ({elapsed:.0f} s, ETA {eta:.0f} s)",
                   flush=True)
 
@@ -647,8 +660,7 @@ def run_mmlu(loaded, args, samples_path: Path, console) -> dict:
     todo = {s: [q for q in d["questions"] if q.question_id not in done] for s, d in data.items()}
     total = sum(len(d["questions"]) for d in data.values())
     scored, scoring_sec, prompt_tokens, prefix_tokens = 0, 0.0, 0, {}
-    with Progress(console, "MMLU", total) as progress:
-        progress.advance(total - sum(map(len, todo.values())), "(resumed)")
+    with Progress(console, "MMLU", total, already_done=total - sum(map(len, todo.values()))) as progress:
         for subject in subjects:
             if not todo[subject]:
                 continue
@@ -691,8 +703,8 @@ def run_humaneval(loaded, args, samples_path: Path, console) -> dict:
     done = {(line["task_id"], line["sample_index"]) for line in read_samples(samples_path, "humaneval")}
     jobs = [(t, i) for t in task_ids for i in range(n_samples) if (t, i) not in done]
     n_passed = 0
-    with Progress(console, "HumanEval", len(task_ids) * n_samples) as progress:
-        progress.advance(len(task_ids) * n_samples - len(jobs), "(resumed)")
+    total = len(task_ids) * n_samples
+    with Progress(console, "HumanEval", total, already_done=total - len(jobs)) as progress:
         for task_id, index in jobs:
             problem = problems[task_id]
             seed = args.seed * 1_000_003 + int(task_id.split("/")[1]) * 1009 + index
@@ -941,7 +953,8 @@ def parse_args(argv=None):
     parser.add_argument("--mmlu-subjects", default=",".join(MMLU_SUBJECTS), help="comma-separated MMLU subjects")
     parser.add_argument("--mmlu-chunk", type=int, default=32, help="questions scored and logged per step")
     parser.add_argument("--mmlu-batch-size", type=int, default=8, help="question suffixes per forward pass")
-    parser.add_argument("--mmlu-no-cache", action="store_true", help="plain full-prompt scoring (slow reference)")
+    parser.add_argument("--mmlu-no-cache", action="store_true",
+                        help="plain full-prompt scoring, the slow reference (--mmlu-batch-size 1: lm-eval's batch 1)")
     parser.add_argument("--humaneval-limit", type=int, default=20,
                         help="problems, seeded choice (0 or 164: all); 20 takes a few minutes with smollm2 on CPU")
     parser.add_argument("--humaneval-samples", type=int, default=1,

@@ -121,7 +121,7 @@ def compare_cached_with_plain(path, subjects, limit, batch_size, dtype="float32"
     for subject in subjects:
         d = data[subject]
         plain, plain_info = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
-                                                         d["questions"], use_cache=False)
+                                                         d["questions"], use_cache=False, batch_size=1)
         chunks = []
         cached, info = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
                                                     d["questions"], use_cache=True, batch_size=batch_size, chunk=2,
@@ -258,3 +258,22 @@ def test_help_smoke():
     result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--help"], capture_output=True, text=True,
                             timeout=60, cwd=REPO)
     assert result.returncode == 0 and "--mmlu-limit" in result.stdout and "--quick" in result.stdout
+
+
+def test_quick_sets_small_limits_that_flags_still_override():
+    quick = benchmark.parse_args(["--quick"])
+    assert quick.models == common.DEFAULT_MODEL and quick.mmlu_limit == benchmark.QUICK_DEFAULTS["mmlu_limit"]
+    assert benchmark.parse_args(["--quick", "--mmlu-limit", "3"]).mmlu_limit == 3
+    full = benchmark.parse_args([])
+    assert full.models.split(",") == common.SEED_MODELS and full.mmlu_limit == 0 and full.mmlu_shots == 5
+
+
+def test_quick_regenerates_docs_with_our_results_dir(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    calls = []
+    monkeypatch.setattr(benchmark.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    benchmark.regenerate_docs(SimpleNamespace(results_dir=str(tmp_path)), console=SimpleNamespace(print=print))
+    if (REPO / "docs" / "generate.py").exists():
+        assert calls and calls[0][1].endswith("docs/generate.py") and calls[0][-1] == str(tmp_path.resolve())
+    else:
+        assert not calls

@@ -68,8 +68,10 @@ def test_infinite_loop_times_out():
 
 def test_memory_bomb_is_capped():
     before = psutil.Process().memory_info().rss
-    result = sandbox.run_python("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))\n", FAST)
-    assert not result.passed and "MemoryError" in result.result
+    # 10 s: zero-filling ~500 MB before the cap bites can take seconds on a busy machine
+    result = sandbox.run_python("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))\n",
+                                sandbox.SandboxLimits(timeout_sec=10))
+    assert not result.passed and "MemoryError" in result.result, result.result
     assert psutil.Process().memory_info().rss - before < 200 * 2**20
     assert_still_works()
 
@@ -127,6 +129,16 @@ def test_child_that_outlives_the_sample_is_killed():
     if psutil.pid_exists(pid):
         assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, waiting for init to reap it
     assert result.n_leftover_killed >= 1
+    if sandbox.is_root():
+        assert not alive_with_uid(result.uid)
+
+
+@pytest.mark.skipif(not sandbox.is_root(), reason="only a throwaway uid's files can be told apart")
+def test_files_left_in_shared_temp_folders_are_removed():
+    result = sandbox.run_python("import os\nopen('/tmp/sandbox-litter.txt', 'w').write('x')\n"
+                                "os.makedirs('/tmp/sandbox-litter-dir/sub')\nprint(os.getpid())\n", FAST)
+    assert result.passed
+    assert not os.path.exists("/tmp/sandbox-litter.txt") and not os.path.exists("/tmp/sandbox-litter-dir")
 
 
 def test_runs_unprivileged_in_its_own_dir(monkeypatch):
