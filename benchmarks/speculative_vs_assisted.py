@@ -4,8 +4,9 @@ speculative_demo.py's claims.
 Targets (issue 7), on the real Qwen2.5-Coder-0.5B -> 1.5B pair, bf16, greedy, 128 new tokens, code and prose
 prompts: ours >= transformers assisted, and ours >= 1.5x the target alone. The machine is shared and noisy, so
 every method runs on every prompt in interleaved rounds (the order rotates each round), after a warm-up that is
-not counted, and each prompt's number is the median over rounds. The target-alone baseline is the faster of our
-plain KV-cache loop and transformers' generate(). Ratios are geometric means over prompts of those medians.
+not counted. Each run is divided by the baseline of the same prompt and round (paired: load drifts between rounds
+far more than within one), each prompt takes the median over rounds, and the ratio is the geometric mean over
+prompts. The target-alone baseline is the faster of our plain KV-cache loop and transformers' generate().
 
     python benchmarks/speculative_vs_assisted.py                       # 4 prompts x 3 rounds (~25 min on 1 core)
     python benchmarks/speculative_vs_assisted.py --repeats 1 --n-prompts 2 --max-new-tokens 64   # a quick look
@@ -35,24 +36,27 @@ def geometric_mean(values: list) -> float:
 
 
 def per_prompt_medians(runs: dict, n_prompts: int) -> dict:
-    """{method: [median tok/s of prompt 0, prompt 1, ...]}"""
-    medians = {}
-    for method, items in runs.items():
-        by_prompt = [[stats["tok_per_sec"] for index, _, stats in items if index == i] for i in range(n_prompts)]
-        medians[method] = [statistics.median(values) for values in by_prompt]
-    return medians
+    """{method: [median tok/s of prompt 0, prompt 1, ...]} (for reading; the ratios are paired, see ratios)."""
+    return {method: [statistics.median(stats["tok_per_sec"] for index, _, stats in items if index == i)
+                     for i in range(n_prompts)] for method, items in runs.items()}
 
 
-def ratios(medians: dict, n_prompts: int) -> dict:
-    baseline = [max(medians[m][i] for m in ("target_only", "target_generate") if m in medians)
-                for i in range(n_prompts)]
+def ratios(runs: dict, n_prompts: int) -> dict:
+    """Each run over the baseline of the same prompt and round (the load drifts between rounds, far less within
+    one), the median over rounds per prompt, then the geometric mean over prompts."""
+    from speculative_demo import paired_baseline
+    tok_per_sec = {(m, i, stats["round"]): stats["tok_per_sec"] for m, items in runs.items() for i, _, stats in items}
+    baseline = paired_baseline(runs)
     out = {}
-    for method in medians:
-        vs_target = [medians[method][i] / baseline[i] for i in range(n_prompts)]
-        out[method] = {"vs_target_by_prompt": vs_target, "vs_target": geometric_mean(vs_target)}
-        if "assisted" in medians:
-            vs_assisted = [medians[method][i] / medians["assisted"][i] for i in range(n_prompts)]
-            out[method].update(vs_assisted_by_prompt=vs_assisted, vs_assisted=geometric_mean(vs_assisted))
+    for method, items in runs.items():
+        rounds = sorted({stats["round"] for _, _, stats in items})
+        for name, reference in (("vs_target", lambda i, r: baseline[i, r]),
+                                ("vs_assisted", lambda i, r: tok_per_sec[("assisted", i, r)])):
+            if name == "vs_assisted" and "assisted" not in runs:
+                continue
+            by_prompt = [statistics.median(tok_per_sec[method, i, r] / reference(i, r) for r in rounds)
+                         for i in range(n_prompts)]
+            out.setdefault(method, {}).update({f"{name}_by_prompt": by_prompt, name: geometric_mean(by_prompt)})
     return out
 
 
@@ -62,11 +66,12 @@ def print_report(prompts: list, medians: dict, result: dict, lossless: dict, arg
     print(f"\nmedian tok/s per prompt ({args.repeats} interleaved rounds, {args.max_new_tokens} new tokens, "
           f"{args.threads or 'default'} thread(s), {args.cpu_kernels} CPU kernels)")
     print(f"{'method':<{width}}  " + "  ".join(f"p{i + 1}:{p['kind']:<6}" for i, p in enumerate(prompts))
-          + "   vs target   vs assisted")
+          + "   vs target (by prompt)          vs assisted")
     for method, values in medians.items():
         row = result[method]
         print(f"{METHOD_TITLES[method]:<{width}}  " + "  ".join(f"{v:>9.2f}" for v in values)
-              + f"   {row['vs_target']:>8.2f}x   " + (f"{row['vs_assisted']:>8.2f}x" if "vs_assisted" in row else ""))
+              + f"   {row['vs_target']:>5.2f}x (" + " ".join(f"{r:.2f}" for r in row["vs_target_by_prompt"]) + ")"
+              + (f"   {row['vs_assisted']:>5.2f}x" if "vs_assisted" in row else ""))
     ours = result[OURS]
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     print(f"\nours ({METHOD_TITLES[OURS]}) / transformers assisted = {ours['vs_assisted']:.2f}x "
@@ -86,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-prompts", type=int, default=4, help="built-in prompts, alternating code and prose")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each prompt reports the median")
-    parser.add_argument("--k", type=int, default=5, help="fixed k, and the start of adaptive k")
-    parser.add_argument("--k-max", type=int, default=8)
+    parser.add_argument("--k", type=int, default=5, help="draft tokens per step of ours, fixed k")
+    parser.add_argument("--k-max", type=int, default=8, help="largest k adaptive k may choose")
     parser.add_argument("--methods", default="target_only,target_generate,assisted,ours,ours_adaptive")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto")
@@ -126,7 +131,7 @@ def _main(argv) -> int:
         runs = sd.measure(pair, prompts, methods, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
                           k=args.k, k_max=args.k_max, temperature=0.0, seed=args.seed, log=print)
     medians = per_prompt_medians(runs, len(prompts))
-    result = ratios(medians, len(prompts))
+    result = ratios(runs, len(prompts))
     lossless = sd.lossless_report(runs, [], pair.target.tokenizer, pair.target.dtype, 0.0)
     print_report(prompts, medians, result, lossless, args)
     print(f"({time.perf_counter() - start:.0f} s; {common.cpu_name()}, shared machine: ratios within one run only)")

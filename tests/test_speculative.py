@@ -92,8 +92,8 @@ def test_independent_draft_is_mostly_rejected_and_adaptive_k_backs_off(models):
     out = sd.speculative_generate(models["target"], models["independent"], prompt, max_new_tokens=60,
                                   adaptive=adaptive)
     assert sd.run_stats("ours", out)["acceptance_rate"] < 0.3
-    assert out.k_trace[0] == 4 and out.k_trace[-10:].count(0) >= 7  # mostly plain target steps at the end
-    assert out.steps[0]["k"] < 4  # and the unsure draft stopped before its cap
+    assert out.k_trace[:2] == [0, 4] and out.k_trace[-10:].count(0) >= 7  # mostly plain steps at the end
+    assert out.steps[1]["k"] < 4  # and the unsure draft stopped before its cap
 
 
 # -------------------------------------------------------------------------------------------- caches
@@ -236,20 +236,22 @@ def test_padded_embedding_rows_are_aligned(models):
 
 
 # -------------------------------------------------------------------------------------------- adaptive, formulas
-def test_adaptive_k_climbs_when_drafts_pass_and_falls_back_to_plain_decoding():
-    cheap = [("draft", 1, 0.1)]
-    climbing = sd.AdaptiveK(k_start=2, k_max=6)
-    for _ in range(12):
-        k = climbing.k
-        climbing.update(k, k, cheap * k + [("target", k + 1, 1.0)])
-    assert climbing.k == 6
-    falling = sd.AdaptiveK(k_start=4, k_max=6)
+def simulate_adaptive(adaptive, accept, n_steps: int) -> list:
+    """Drive AdaptiveK with made-up costs (draft 0.1 s, target 1 s + 0.05 s per extra token); returns the k trace."""
     trace = []
-    for _ in range(40):
-        k = falling.k
+    for _ in range(n_steps):
+        k = adaptive.k
         trace.append(k)
-        falling.update(k, 0, cheap * k + [("target", k + 1, 1.0 + 0.05 * k)])
-    assert trace[6:].count(0) >= 30 and 1 in trace[6:]  # plain decoding, with an occasional k=1 probe
+        adaptive.update(k, accept(k), [("draft", 1, 0.1)] * k + [("target", k + 1, 1.0 + 0.05 * k)])
+    return trace
+
+
+def test_adaptive_k_climbs_when_drafts_pass_and_falls_back_to_plain_decoding():
+    climbing = simulate_adaptive(sd.AdaptiveK(k_start=2, k_max=6), accept=lambda k: k, n_steps=12)
+    assert climbing[:3] == [0, 2, 3] and climbing[-1] == 6  # first a plain step to measure the 1-token cost
+    falling = simulate_adaptive(sd.AdaptiveK(k_start=4, k_max=6), accept=lambda k: 0, n_steps=40)
+    assert falling[:2] == [0, 4]
+    assert falling[6:].count(0) >= 30 and 1 in falling[6:]  # plain decoding, with an occasional k=1 probe
 
 
 def test_expected_speedup_and_break_even():
@@ -258,6 +260,25 @@ def test_expected_speedup_and_break_even():
     alpha = sd.break_even_alpha(4, 0.3)
     assert 0 < alpha < 1 and sd.expected_speedup(alpha, 4, 0.3) == pytest.approx(1.0, abs=1e-6)
     assert sd.break_even_alpha(3, 1.0) is None  # a draft as costly as the target never pays
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_greedy_is_exact_and_a_4bit_target_runs(models):
+    """The GPU paths: device-side sampling generator, synchronised timers, a bitsandbytes 4-bit target."""
+    target, draft = copy.deepcopy(models["target"]).cuda(), copy.deepcopy(models["noisy"]).cuda()
+    for prompt in random_prompts(3, seed=4):
+        reference = sd.reference_generate(target, prompt, max_new_tokens=20, device="cuda")
+        out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=4, device="cuda")
+        assert out.tokens == reference.tokens
+        sampled = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=4, temperature=1.0,
+                                          device="cuda", adaptive=sd.AdaptiveK())
+        assert len(sampled.tokens) == 20
+    quantized = common.load_model(str(models["target_path"]), device="cuda", dtype="bfloat16", quantize="4bit",
+                                  log=lambda *_: None)
+    prompt = random_prompts(1, seed=8)[0]
+    out = sd.speculative_generate(quantized.model, draft.to(torch.bfloat16), prompt, max_new_tokens=16, k=3,
+                                  device="cuda")
+    assert len(out.tokens) == 16 and out.steps
 
 
 # -------------------------------------------------------------------------------------------- the CLI
@@ -296,7 +317,8 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
 
 def test_benchmark_help_is_fast():
     code = ("import runpy, sys; sys.argv = ['speculative_vs_assisted.py', '--help']\n"
-            f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'speculative_vs_assisted.py')!r}, run_name='__main__')\n"
+            f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'speculative_vs_assisted.py')!r},"
+            " run_name='__main__')\n"
             "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "assert 'torch' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
