@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-import re
+import shutil
 import signal
 import statistics
 import sys
@@ -57,7 +57,7 @@ def load_jsonl(path: Path) -> list[dict]:
                 continue
             where = f"{path}:{line_number}"
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\n"))
             except json.JSONDecodeError as error:
                 raise common.UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
             if not isinstance(row, dict):
@@ -244,13 +244,41 @@ def sft_config(args, device: str, dtype: str, output_dir: Path):
         warmup_steps=args.warmup, weight_decay=0.0, seed=args.seed, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, use_cpu=device == "cpu", bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
-        # Our answers are ~70 tokens: recomputing activations (trl's default) would only cost time.
+        # Our sequences are ~80 tokens: recomputing activations (trl's default) would only cost time.
         gradient_checkpointing=args.gradient_checkpointing,
-        # Padding-free: a batch is one flattened sequence with a block-diagonal mask, so no compute is spent on
-        # pad tokens. trl then leaves length checks to us (max_length=None); train_examples() drops long ones.
+        # Padding-free flattens a batch into one sequence with a block-diagonal mask. Without a varlen attention
+        # kernel (CPU, sdpa) attention then costs (8 x 80)^2 instead of 8 x 80^2, which outweighs the ~8% of pad
+        # tokens it saves, so it is off by default. trl wants max_length=None with it; train_examples() drops
+        # over-long examples either way, so nothing is truncated.
         padding_free=args.padding_free, max_length=None if args.padding_free else args.max_length,
         include_num_input_tokens_seen="all", dataloader_num_workers=0,
     )
+
+
+def answer_only_trainer_class():
+    """trl's SFTTrainer with a leaner completion-only loss.
+
+    trl 1.16's fused LM head scores every position, in fp32, on devices without Triton (CPU, MPS): for SmolLM2 on
+    CPU that was ~35% of a training step. Here the LM head runs only on the positions whose next token is part
+    of the answer (~35% of our tokens), in the autocast dtype; the loss is the same token-mean NLL (normalised by
+    trl's num_items_in_batch, so gradient accumulation behaves the same)."""
+    import torch
+    from trl import SFTTrainer
+
+    class AnswerOnlyLossTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            base = self.accelerator.unwrap_model(model).get_base_model()
+            outputs = base.base_model(**inputs, use_cache=False)
+            targets = labels[:, 1:]
+            mask = targets != -100  # position p predicts token p+1; prompt and padding are -100
+            logits = base.get_output_embeddings()(outputs.last_hidden_state[:, :-1][mask])
+            nll = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+            n_tokens = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            loss = nll / torch.as_tensor(n_tokens, device=nll.device).clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerOnlyLossTrainer
 
 
 def train_examples(examples: list[dict], tokenizer, max_length: int, console) -> list[dict]:
@@ -281,7 +309,7 @@ def verify_completion_only(trainer, tokenizer, example: dict) -> dict:
             "trained_text": tokenizer.decode(trained)}
 
 
-def make_progress_callback(console, total_steps: int, monitor, device: str):
+def make_progress_callback(console, monitor, device: str):
     """A TrainerCallback that shows loss, step time, tokens/sec and peak RSS/VRAM live (plain lines without a TTY)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import TrainerCallback
@@ -300,9 +328,10 @@ def make_progress_callback(console, total_steps: int, monitor, device: str):
         def on_train_begin(self, args, state, control, **kwargs):
             self.train_start = time.perf_counter()
             self.tokens_at_start = state.num_input_tokens_seen
+            self.total_steps = state.max_steps
             if self.live:
                 self.progress.start()
-                self.task = self.progress.add_task("train", total=total_steps, completed=state.global_step, stats="")
+                self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_start = time.perf_counter()
@@ -331,7 +360,7 @@ def make_progress_callback(console, total_steps: int, monitor, device: str):
             if self.live:
                 self.progress.update(self.task, completed=state.global_step, stats=stats)
             else:
-                print(f"step {state.global_step}/{total_steps}  {stats}", flush=True)
+                print(f"step {state.global_step}/{self.total_steps}  {stats}", flush=True)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.live:
@@ -382,16 +411,17 @@ def adapter_roundtrip_identical(model, adapter_dir: Path) -> bool:
 def train(loaded, train_rows, args, output_dir: Path, console) -> dict:
     """LoRA/QLoRA with trl's SFTTrainer; returns the trainer, the peft model and the training record."""
     from datasets import Dataset
-    from trl import SFTTrainer
+    from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     dataset = Dataset.from_list([to_trl_example(e, loaded.tokenizer) for e in train_rows])
     config = sft_config(args, loaded.device, loaded.dtype, output_dir)
-    total_steps = math.ceil(len(train_rows) / (args.batch_size * args.grad_accum)) * args.epochs
     monitor = common.MemoryMonitor(loaded.device, interval_sec=0.05)
-    callback = make_progress_callback(console, total_steps, monitor, loaded.device)
-    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer,
-                         peft_config=lora_config(args), callbacks=[callback])
+    callback = make_progress_callback(console, monitor, loaded.device)
+    trainer = answer_only_trainer_class()(model=loaded.model, args=config, train_dataset=dataset,
+                                          processing_class=loaded.tokenizer, peft_config=lora_config(args),
+                                          callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our callback shows the progress
     completion_check = verify_completion_only(trainer, loaded.tokenizer, train_rows[0])
     resume_from = None
     if args.resume:
@@ -400,16 +430,17 @@ def train(loaded, train_rows, args, output_dir: Path, console) -> dict:
             raise common.UserError(f"No checkpoint in {output_dir} to resume from; run without --resume.")
         console.print(f"Resuming from {resume_from}")
     initial = trainable_state(trainer.model)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with monitor, checkpoint_on_interrupt(console):
         trainer.train(resume_from_checkpoint=resume_from)
     common.sync(loaded.device)
-    train_sec = time.perf_counter() - start
+    train_sec, cpu_sec = time.perf_counter() - start, time.process_time() - cpu_start
     state = trainer.state
     n_tokens = state.num_input_tokens_seen - callback.tokens_at_start
     memory = monitor.result()
     record = {
-        "train_sec": train_sec, "n_steps": state.global_step, "n_examples": len(train_rows),
+        # cpu_sec (all threads of this process) is the figure a busy shared machine disturbs least.
+        "train_sec": train_sec, "cpu_sec": cpu_sec, "n_steps": state.global_step, "n_examples": len(train_rows),
         "n_epochs": args.epochs, "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
         "n_tokens": n_tokens, "tokens_per_sec": n_tokens / train_sec if train_sec else None,
         "step_sec_mean": statistics.fmean(callback.step_sec) if callback.step_sec else None,
@@ -464,9 +495,11 @@ def load_for_finetune(args, model_name: str, console):
     quantize = args.quantize if args.quantize != "auto" else ("4bit" if device.startswith("cuda") else "none")
     loaded = common.load_model(model_name, device=device, dtype=args.dtype, quantize=quantize,
                                context_tokens=args.max_length, log=console.print)
+    import torch
     if args.threads:
-        import torch
         torch.set_num_threads(args.threads)
+    if device == "cpu":
+        console.print(f"[dim]CPU threads: {torch.get_num_threads()} ({getattr(args, 'threads_reason', '')})[/dim]")
     return loaded
 
 
@@ -484,17 +517,18 @@ def eval_adapter(args, console) -> int:
     loaded = load_for_finetune(args, model_name, console)
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
     stop_ids = common.stop_token_ids(loaded.tokenizer, loaded.resolved.spec)
-    result, _ = evaluate_heldout(model, loaded.tokenizer, heldout, args, loaded.device, loaded.dtype, stop_ids,
-                                 "the reloaded adapter", console)
+    result, answers = evaluate_heldout(model, loaded.tokenizer, heldout, args, loaded.device, loaded.dtype, stop_ids,
+                                       "the reloaded adapter", console)
     console.print(f"reloaded adapter: exact match {result['metric']:.1%} ({result['n_exact']}/{result['n']}), "
                   f"field F1 {result['field_f1']:.1%}, held-out loss {result['heldout_loss']:.4f}")
     saved = meta.get("after")
     if not saved:
         return 0
-    same = saved["n_exact"] == result["n_exact"] and math.isclose(saved["heldout_loss"], result["heldout_loss"],
-                                                                   rel_tol=1e-3)
-    console.print(f"training run said: exact match {saved['metric']:.1%}, held-out loss {saved['heldout_loss']:.4f} "
-                  f"-> {'reproduced' if same else 'NOT reproduced'}")
+    n_same = sum(a == b for a, b in zip(answers, meta.get("after_answers", [])))
+    same = (saved["n_exact"] == result["n_exact"] and n_same == len(answers)
+            and math.isclose(saved["heldout_loss"], result["heldout_loss"], rel_tol=1e-3))
+    console.print(f"training run said: exact match {saved['metric']:.1%}, held-out loss {saved['heldout_loss']:.4f}; "
+                  f"{n_same}/{len(answers)} answers identical -> {'reproduced' if same else 'NOT reproduced'}")
     return 0 if same else 1
 
 
@@ -512,25 +546,28 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="checkpoints and adapter (default: runs/finetune-<model>)")
     # LoRA: rank 16 on every linear projection is the QLoRA paper's recipe; for a 1.1B model in 4 bits that is
-    # ~12M trainable parameters and well under 8 GB at batch 8 x ~80 tokens.
+    # ~12M trainable parameters and well under 8 GB at batch 4 x ~80 tokens.
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=32)
-    # 0: with 100 examples x 3 epochs there is little to regularise, and the dropout mask on every adapted
+    # 0: with 100 examples x 2 epochs there is little to regularise, and the dropout mask on every adapted
     # layer costs ~10% of a CPU step.
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--target-modules", default="all-linear", help="all-linear or a comma list, e.g. q_proj,v_proj")
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer micro-step")
+    # 2 epochs x batch 4 = 50 steps: Qwen2.5-0.5B reaches ~0 loss within one epoch, SmolLM2-135M gains little
+    # from a third epoch, and on CPU every epoch costs a minute or more.
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer micro-step")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay); LoRA tolerates high")
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up steps (<1: share of all steps)")
     parser.add_argument("--max-length", type=int, default=256,
                         help="longest training sequence in tokens (our examples are ~60-90)")
-    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=True,
-                        help="flatten each batch into one sequence instead of padding it")
+    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=False,
+                        help="flatten each batch into one sequence instead of padding it (pays off with flash-attn)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass (saves memory, costs ~30%% time)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: all physical cores, or only the idle ones on a busy machine)")
     parser.add_argument("--eval-batch-size", type=int, default=25)
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer length cap (default: longest held-out answer + 16 tokens)")
@@ -572,6 +609,8 @@ def run(args, console) -> int:
     model = trained["model"]
     adapter_dir = output_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
+    for checkpoint in output_dir.glob("checkpoint-*"):  # finished: a later --resume must not pick these up
+        shutil.rmtree(checkpoint, ignore_errors=True)
     after, after_answers = evaluate_heldout(model, tokenizer, heldout, args, loaded.device, loaded.dtype, stop_ids,
                                             "the fine-tuned model", console)
     checks = weight_change(trained["initial_weights"], model)
@@ -580,7 +619,7 @@ def run(args, console) -> int:
     samples = pick_samples(heldout, before_answers, after_answers)
     common.write_json_atomic(adapter_dir / META_FILE, {
         "model_arg": args.model, "heldout_file": str(Path(args.heldout_file).resolve()),
-        "max_new_tokens": args.max_new_tokens, "before": before, "after": after})
+        "max_new_tokens": args.max_new_tokens, "before": before, "after": after, "after_answers": after_answers})
     print_summary(console, before, after, trained["record"], samples)
     console.print(f"Checks: adapter weights changed: {checks['adapter_weights_changed']} "
                   f"({checks['n_tensors_changed']}/{checks['n_tensors']} tensors), outputs changed on "
@@ -594,7 +633,8 @@ def run(args, console) -> int:
               "heldout_sha256": file_sha256(args.heldout_file), "n_train": len(train_rows), "n_heldout": len(heldout),
               "metric": METRIC_NAME},
         train=trained["record"], before=before, after=after, samples=samples, checks=checks,
-        adapter_dir=str(adapter_dir), run_sec=time.perf_counter() - run_start)
+        adapter_dir=str(adapter_dir), run_sec=time.perf_counter() - run_start,
+        process_cpu_sec=time.process_time())  # CPU time of this process since it started, imports included
     path = common.write_result(record, args.results_dir)
     console.print(f"Adapter: {adapter_dir}   results: {path}   total {time.perf_counter() - run_start:.0f} s")
     return 0
@@ -616,16 +656,38 @@ def cached_before(args, loaded, heldout, stop_ids, output_dir: Path, console) ->
     return summary, answers
 
 
-def main(argv=None) -> int:
-    # A shared or busy CPU: OpenMP threads that spin while waiting for a core make every op of a 2-thread torch
-    # stall (we measured single steps going from ~1 s to 20-70 s); sleeping waiters keep the speed steady.
-    # Only effective before torch is imported, and an explicit setting wins.
+def choose_cpu_threads(requested: int) -> tuple[int | None, str]:
+    """Torch CPU threads for this run, decided before torch is imported (OpenMP reads its settings once).
+
+    On a quiet machine torch's default (one thread per physical core, spin-waiting) is fastest. When other
+    processes keep cores busy, spin-waiting threads stall on each other at every op: on this project's 2-core
+    machine a LoRA step went from ~0.5 s to 2-70 s. Then we take only the idle cores (at least one) and let
+    waiting threads sleep (OMP_WAIT_POLICY=PASSIVE). `--threads N` or an OMP_WAIT_POLICY in the environment wins."""
+    import psutil
+    if requested:
+        return requested, "--threads"
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    busy_cores = psutil.cpu_percent(interval=0.3) / 100 * (os.cpu_count() or 1)  # other processes: we are idle here
+    if busy_cores < 0.7:
+        return None, f"idle machine ({busy_cores:.1f} cores busy): torch default"
+    threads = max(1, min(physical, int((os.cpu_count() or 1) - busy_cores + 0.3)))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return threads, f"{busy_cores:.1f} of {os.cpu_count()} cores busy: {threads} thread(s), sleeping OpenMP waiters"
+
+
+def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def body(argv):
+        import warnings
         from rich.console import Console
-        return run(parse_args(argv), Console(highlight=False))
+        args = parse_args(argv)
+        args.threads, args.threads_reason = choose_cpu_threads(args.threads)
+        import datasets
+        datasets.disable_progress_bars()
+        # transformers 5 renamed gradient_checkpointing, which trl still sets: one FutureWarning per run is noise.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        return run(args, Console(highlight=False))
     return common.run_cli(body, argv)
 
 

@@ -1,0 +1,159 @@
+"""finetune_demo.py on a tiny random Llama: loss goes down, the adapter round-trips, Ctrl-C checkpoints resume,
+bad dataset lines are named by file and line, and the committed datasets are what the generator writes."""
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import finetune_demo
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--epochs", "4", "--batch-size", "4", "--lr", "1e-2", "--max-new-tokens", "8", "--eval-batch-size", "4",
+             "--threads", "1"]  # a 64-wide model gains nothing from 2 threads, and a busy machine stalls them
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """8 training and 4 held-out examples taken from the real files."""
+    folder = tmp_path_factory.mktemp("task")
+    lines = (REPO / "data" / "finetune_train.jsonl").read_text().splitlines(keepends=True)
+    held = (REPO / "data" / "finetune_heldout.jsonl").read_text().splitlines(keepends=True)
+    (folder / "train.jsonl").write_text("".join(lines[:8]))
+    (folder / "heldout.jsonl").write_text("".join(held[:4]))
+    return folder
+
+
+def task_args(tiny_models, tiny_task, out: Path) -> list[str]:
+    return ["--model", str(tiny_models["llama"]), "--train-file", str(tiny_task / "train.jsonl"),
+            "--heldout-file", str(tiny_task / "heldout.jsonl"), "--output-dir", str(out), *TINY_ARGS]
+
+
+def only_result(results_dir: Path) -> dict:
+    files = sorted(results_dir.glob("finetune-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+@pytest.mark.parametrize("script", ["finetune_demo.py", "benchmarks/finetune_vs_trl.py", "data/make_finetune_data.py"])
+def test_help(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+
+
+def test_committed_datasets_match_generator_and_are_disjoint():
+    assert subprocess.run([sys.executable, "data/make_finetune_data.py", "--check"], cwd=REPO).returncode == 0
+    train = finetune_demo.load_jsonl(REPO / "data" / "finetune_train.jsonl")
+    heldout = finetune_demo.load_jsonl(REPO / "data" / "finetune_heldout.jsonl")
+    assert len(train) == 100 and len(heldout) >= 40
+    assert not {r["text"] for r in train} & {r["text"] for r in heldout}
+
+
+def test_bad_dataset_line_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "Send 2 pens to Cork.", "record": {"n": 2}}\n\n{"text": "x", "record": {"n": 1}\n')
+    assert finetune_demo.main(["--train-file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3: not valid JSON" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    bad.write_text('{"text": "", "record": {"n": 2}}\n')
+    assert finetune_demo.main(["--train-file", str(bad)]) == 2
+    assert f"{bad}:1: 'text' must be a non-empty string" in capsys.readouterr().err
+
+
+def test_scoring_is_exact_and_field_level():
+    examples = [{"record": {"cust": "Lopez, Maria", "n": 3, "due": None}},
+                {"record": {"cust": "Smith, James", "n": 1, "due": "FRI"}}]
+    answers = ['{"cust":"Lopez, Maria","n":3,"due":null}', 'Sure! {"cust": "Smith, James", "n": 2, "due": "FRI"}']
+    result = finetune_demo.score(answers, examples)
+    assert result["metric"] == 0.5 and result["json_valid_rate"] == 1.0
+    assert result["field_f1"] == pytest.approx(5 / 6)
+    assert finetune_demo.score(["no json here", "{}"], examples)["metric"] == 0.0
+
+
+def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tmp_path, results_dir):
+    import torch
+    from peft import PeftModel
+    from rich.console import Console
+
+    import common
+    args = finetune_demo.parse_args(task_args(tiny_models, tiny_task, tmp_path / "run"))
+    console = Console(quiet=True)
+    loaded = finetune_demo.load_for_finetune(args, args.model, console)
+    rows = finetune_demo.load_jsonl(args.train_file)
+    trained = finetune_demo.train(loaded, rows, args, tmp_path / "run", console)
+    record = trained["record"]
+    curve = record["loss_curve"]
+    assert len(curve) == record["n_steps"] == 8
+    assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2, curve
+    check = record["completion_only_loss"]  # trl masked exactly the prompt: the loss covers the answer only
+    assert check["verified"] and check["trained_text"].startswith(finetune_demo.record_json(rows[0]["record"]))
+    assert 0 < check["n_answer_tokens_trained"] < check["n_prompt_tokens_masked"] + check["n_answer_tokens_trained"]
+    assert finetune_demo.weight_change(trained["initial_weights"], trained["model"])["adapter_weights_changed"]
+
+    model = trained["model"]
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert finetune_demo.adapter_roundtrip_identical(model, tmp_path / "adapter")
+    probe = loaded.tokenizer("Ship 3 pens to Cork for Ada Lovelace.", return_tensors="pt")
+    model.eval()
+    autocast = finetune_demo.autocast_context  # the demo evaluates under the training autocast, before and after
+    with torch.no_grad(), autocast("cpu", loaded.dtype):
+        trained_logits = model(**probe).logits.float()
+    fresh = common.load_model(args.model, device="cpu", log=lambda *_: None)
+    with torch.no_grad(), autocast("cpu", loaded.dtype):
+        base_logits = fresh.model(**probe).logits.float()
+        reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
+        assert torch.equal(reloaded(**probe).logits.float(), trained_logits)  # bit-identical after the round trip
+    assert not torch.allclose(base_logits, trained_logits, atol=1e-2)  # and the adapter does change the model
+
+
+def test_demo_end_to_end_then_eval_adapter_reproduces(tiny_models, tiny_task, tmp_path, results_dir, capsys):
+    out = tmp_path / "run"
+    assert finetune_demo.main(task_args(tiny_models, tiny_task, out) + ["--results-dir", str(results_dir)]) == 0
+    result = only_result(results_dir)
+    assert result["kind"] == "finetune" and result["status"] == "complete"
+    assert result["after"]["heldout_loss"] < result["before"]["heldout_loss"]
+    assert result["before"]["n"] == result["after"]["n"] == 4
+    assert result["checks"]["adapter_weights_changed"] and result["checks"]["adapter_roundtrip_identical"]
+    assert result["train"]["train_sec"] > 0 and result["train"]["peak_rss_bytes"] > 0
+    assert len(result["samples"]) == 4 and {"input", "expected", "before", "after"} <= set(result["samples"][0])
+    assert not list(out.glob("checkpoint-*"))
+    capsys.readouterr()
+    assert finetune_demo.main(["--eval-adapter", str(out / "adapter")]) == 0
+    assert "4/4 answers identical -> reproduced" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes(tiny_models, tiny_task, tmp_path, results_dir, monkeypatch):
+    make_callback = finetune_demo.make_progress_callback
+
+    def interrupting_callback(*args, **kwargs):
+        callback = make_callback(*args, **kwargs)
+        on_step_begin = callback.on_step_begin
+
+        def press_ctrl_c_at_step_3(arguments, state, control, **rest):
+            on_step_begin(arguments, state, control, **rest)
+            if state.global_step == 2:
+                signal.raise_signal(signal.SIGINT)  # what the terminal sends; our handler must not raise
+        callback.on_step_begin = press_ctrl_c_at_step_3
+        return callback
+
+    out = tmp_path / "run"
+    argv = task_args(tiny_models, tiny_task, out) + ["--results-dir", str(results_dir)]
+    monkeypatch.setattr(finetune_demo, "make_progress_callback", interrupting_callback)
+    assert finetune_demo.main(argv) == 130
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not list(results_dir.glob("*.json"))
+    monkeypatch.setattr(finetune_demo, "make_progress_callback", make_callback)
+    assert finetune_demo.main(argv + ["--resume"]) == 0
+    train = only_result(results_dir)["train"]
+    assert train["resumed_from_step"] == 3 and train["n_steps"] == 8 and len(train["loss_curve"]) == 5
