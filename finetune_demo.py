@@ -220,15 +220,61 @@ def evaluate_heldout(model, tokenizer, examples, args, device, dtype, stop_ids, 
     """Held-out metric and loss on the same examples; returns (summary, answers)."""
     start = time.perf_counter()
     console.print(f"[dim]Evaluating {label} on {len(examples)} held-out examples...[/dim]")
+    args.cpu_threads.update(step=-1)
     answers = generate_answers(model, tokenizer, examples, device, dtype, args.eval_batch_size,
                                args.max_new_tokens, stop_ids)
     summary = score(answers, examples)
+    args.cpu_threads.update(step=-1)
     summary["heldout_loss"] = heldout_loss(model, tokenizer, examples, device, dtype, args.eval_batch_size)
     summary["eval_sec"] = time.perf_counter() - start
     return summary, answers
 
 
 # --------------------------------------------------------------------------------------------- training
+class CpuThreads:
+    """Torch CPU threads = the cores other processes leave idle, re-decided after every training step.
+
+    On a quiet machine torch's default (one thread per physical core) is fastest. When another process keeps a
+    core busy, torch's OpenMP threads wait for each other at every op while one of them is descheduled: on this
+    project's shared 2-core machine LoRA steps went from ~0.5 s to 2-70 s. A single thread has nobody to wait
+    for (~0.75 s per such step), so we drop to the idle cores while the machine is busy and go back when it is
+    quiet again. `--threads N` fixes the count instead."""
+
+    def __init__(self, fixed: int, enabled: bool):
+        import psutil
+        import torch
+        self.torch, self.psutil = torch, psutil
+        self.enabled = enabled and not fixed
+        self.physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        self.n_cpu = os.cpu_count() or 1
+        self.process = psutil.Process()
+        self.changes = []  # [training step (-1: evaluation), threads] whenever the count changes
+        if fixed:
+            torch.set_num_threads(fixed)
+        elif self.enabled:
+            psutil.cpu_percent(None), self.process.cpu_percent(None)
+            time.sleep(0.3)  # a first sample of what the rest of the machine is doing
+            self.update(step=0)
+
+    def others_busy_cores(self) -> float:
+        """Cores used by other processes since the last call (system use minus ours)."""
+        system = self.psutil.cpu_percent(None) / 100 * self.n_cpu
+        return max(0.0, system - self.process.cpu_percent(None) / 100)
+
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        others = self.others_busy_cores()
+        threads = self.physical if others < 0.5 else max(1, min(self.physical, int(self.n_cpu - others + 0.3)))
+        if threads != self.torch.get_num_threads():
+            self.torch.set_num_threads(threads)
+            self.changes.append([step, threads])
+
+    def describe(self) -> str:
+        mode = "adapts to the idle cores" if self.enabled else "fixed"
+        return f"{self.torch.get_num_threads()} of {self.physical} physical cores ({mode})"
+
+
 def lora_config(args):
     from peft import LoraConfig
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
@@ -247,11 +293,12 @@ def sft_config(args, device: str, dtype: str, output_dir: Path):
         # Our sequences are ~80 tokens: recomputing activations (trl's default) would only cost time.
         gradient_checkpointing=args.gradient_checkpointing,
         # Padding-free flattens a batch into one sequence with a block-diagonal mask. Without a varlen attention
-        # kernel (CPU, sdpa) attention then costs (8 x 80)^2 instead of 8 x 80^2, which outweighs the ~8% of pad
-        # tokens it saves, so it is off by default. trl wants max_length=None with it; train_examples() drops
-        # over-long examples either way, so nothing is truncated.
+        # kernel (CPU, sdpa) attention then costs (batch x 80)^2 instead of batch x 80^2, which outweighs the ~8%
+        # of pad tokens it saves (we measured 2.5 s vs 2.0 s per 8-example step), so it is off by default. trl
+        # wants max_length=None with it; train_examples() drops over-long examples either way.
         padding_free=args.padding_free, max_length=None if args.padding_free else args.max_length,
-        include_num_input_tokens_seen="all", dataloader_num_workers=0,
+        # Tokens/sec counts real tokens: the attention mask when padded, everything when padding-free.
+        include_num_input_tokens_seen="all" if args.padding_free else "non_padding", dataloader_num_workers=0,
     )
 
 
@@ -309,7 +356,7 @@ def verify_completion_only(trainer, tokenizer, example: dict) -> dict:
             "trained_text": tokenizer.decode(trained)}
 
 
-def make_progress_callback(console, monitor, device: str):
+def make_progress_callback(console, monitor, device: str, cpu_threads=None):
     """A TrainerCallback that shows loss, step time, tokens/sec and peak RSS/VRAM live (plain lines without a TTY)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import TrainerCallback
@@ -342,6 +389,8 @@ def make_progress_callback(console, monitor, device: str):
             seconds = time.perf_counter() - self.step_start
             self.step_sec.append(seconds)
             self.last_tokens_per_sec = (state.num_input_tokens_seen - self.tokens_at_step_start) / max(seconds, 1e-9)
+            if cpu_threads is not None:
+                cpu_threads.update(state.global_step)
             if STOP_FLAG["requested"]:  # Ctrl-C: save a resumable checkpoint (model, optimizer, RNG) and stop
                 control.should_save = True
                 control.should_training_stop = True
@@ -417,7 +466,7 @@ def train(loaded, train_rows, args, output_dir: Path, console) -> dict:
     dataset = Dataset.from_list([to_trl_example(e, loaded.tokenizer) for e in train_rows])
     config = sft_config(args, loaded.device, loaded.dtype, output_dir)
     monitor = common.MemoryMonitor(loaded.device, interval_sec=0.05)
-    callback = make_progress_callback(console, monitor, loaded.device)
+    callback = make_progress_callback(console, monitor, loaded.device, args.cpu_threads)
     trainer = answer_only_trainer_class()(model=loaded.model, args=config, train_dataset=dataset,
                                           processing_class=loaded.tokenizer, peft_config=lora_config(args),
                                           callbacks=[callback])
@@ -450,6 +499,7 @@ def train(loaded, train_rows, args, output_dir: Path, console) -> dict:
         "loss_first": callback.loss_curve[0] if callback.loss_curve else None,
         "loss_last": callback.loss_curve[-1] if callback.loss_curve else None, "loss_curve": callback.loss_curve,
         "completion_only_loss": completion_check, "interrupted": STOP_FLAG["requested"],
+        "cpu_thread_changes": args.cpu_threads.changes,
     }
     return {"trainer": trainer, "model": trainer.model, "record": record, "initial_weights": initial}
 
@@ -495,11 +545,9 @@ def load_for_finetune(args, model_name: str, console):
     quantize = args.quantize if args.quantize != "auto" else ("4bit" if device.startswith("cuda") else "none")
     loaded = common.load_model(model_name, device=device, dtype=args.dtype, quantize=quantize,
                                context_tokens=args.max_length, log=console.print)
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.cpu_threads = CpuThreads(args.threads, enabled=device == "cpu")
     if device == "cpu":
-        console.print(f"[dim]CPU threads: {torch.get_num_threads()} ({getattr(args, 'threads_reason', '')})[/dim]")
+        console.print(f"[dim]CPU threads: {args.cpu_threads.describe()}[/dim]")
     return loaded
 
 
@@ -567,7 +615,7 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute activations in the backward pass (saves memory, costs ~30%% time)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: all physical cores, or only the idle ones on a busy machine)")
+                        help="torch CPU threads (0: the idle physical cores, re-checked every step)")
     parser.add_argument("--eval-batch-size", type=int, default=25)
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer length cap (default: longest held-out answer + 16 tokens)")
@@ -626,7 +674,8 @@ def run(args, console) -> int:
                   f"{checks['outputs_changed_fraction']:.0%} of held-out examples, saved adapter identical to "
                   f"trained weights: {checks['adapter_roundtrip_identical']}")
     record = common.result_record(
-        "finetune", config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "finetune", config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                            if k != "cpu_threads"},
         environment_block=common.environment(loaded.device), model=loaded.identity(),
         task={"name": TASK_NAME, "system_prompt": SYSTEM_PROMPT, "train_file": str(args.train_file),
               "heldout_file": str(args.heldout_file), "train_sha256": file_sha256(args.train_file),
@@ -656,25 +705,6 @@ def cached_before(args, loaded, heldout, stop_ids, output_dir: Path, console) ->
     return summary, answers
 
 
-def choose_cpu_threads(requested: int) -> tuple[int | None, str]:
-    """Torch CPU threads for this run, decided before torch is imported (OpenMP reads its settings once).
-
-    On a quiet machine torch's default (one thread per physical core, spin-waiting) is fastest. When other
-    processes keep cores busy, spin-waiting threads stall on each other at every op: on this project's 2-core
-    machine a LoRA step went from ~0.5 s to 2-70 s. Then we take only the idle cores (at least one) and let
-    waiting threads sleep (OMP_WAIT_POLICY=PASSIVE). `--threads N` or an OMP_WAIT_POLICY in the environment wins."""
-    import psutil
-    if requested:
-        return requested, "--threads"
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    busy_cores = psutil.cpu_percent(interval=0.3) / 100 * (os.cpu_count() or 1)  # other processes: we are idle here
-    if busy_cores < 0.7:
-        return None, f"idle machine ({busy_cores:.1f} cores busy): torch default"
-    threads = max(1, min(physical, int((os.cpu_count() or 1) - busy_cores + 0.3)))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return threads, f"{busy_cores:.1f} of {os.cpu_count()} cores busy: {threads} thread(s), sleeping OpenMP waiters"
-
-
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -682,7 +712,6 @@ def main(argv=None) -> int:
         import warnings
         from rich.console import Console
         args = parse_args(argv)
-        args.threads, args.threads_reason = choose_cpu_threads(args.threads)
         import datasets
         datasets.disable_progress_bars()
         # transformers 5 renamed gradient_checkpointing, which trl still sets: one FutureWarning per run is noise.

@@ -5,9 +5,9 @@ same held-out quality.
 The baseline is what TRL's quick start gives you: `SFTTrainer(model=<folder>, peft_config=LoraConfig(...))` on
 the same prompt/completion data with the same LoRA settings, learning rate, schedule, batch size, epochs and seed,
 and TRL's defaults for everything else (float32 weights under bf16 autocast, gradient checkpointing, batches
-padded to their longest sequence, TRL's fused LM head, OpenMP's default spin-waiting threads). "trl-tuned" is the
-same TRL run with our settings (bf16 weights, no checkpointing, sleeping OpenMP waiters) but TRL's own loss, to
-show how much of the gain is settings and how much is our answer-only loss.
+padded to their longest sequence, TRL's fused LM head, torch's default threads). "trl-tuned" is the same TRL run
+with two of our settings (bf16 weights, no gradient checkpointing) but TRL's own loss and fixed threads, to show
+how much of the gain is settings and how much is our answer-only loss and idle-core thread count.
 
 Each run is its own process (peak RSS is a per-process high-water mark) and the arms alternate, with the order
 flipped every round, because the machine is shared: ratios are taken within a round, then the median over rounds.
@@ -92,12 +92,9 @@ def arm_command(arm: str, args, work: Path) -> tuple[list[str], dict]:
               "--seed", str(args.seed), "--train-file", str(args.train_file), "--heldout-file", str(args.heldout_file),
               "--eval-batch-size", str(args.eval_batch_size), "--max-new-tokens", str(args.max_new_tokens)]
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)  # plain TRL: OpenMP's default; ours and trl-tuned set PASSIVE themselves
     if arm == "ours":
         return [sys.executable, str(REPO / "finetune_demo.py"), *shared, "--results-dir", str(work / "results"),
                 "--output-dir", str(work / "run")], env
-    if arm == "trl-tuned":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return [sys.executable, __file__, "--run-arm", arm, "--work-dir", str(work), *shared], env
 
 
