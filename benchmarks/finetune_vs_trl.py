@@ -13,8 +13,8 @@ Each run is its own process (peak RSS is a per-process high-water mark) and the 
 flipped every round, because the machine is shared: ratios are taken within a round, then the median over rounds.
 Both arms' adapters are scored with finetune_demo's held-out scorer (greedy, same max_new_tokens).
 
-    python benchmarks/finetune_vs_trl.py                                  # SmolLM2-135M, 1 round (~8 min on 2 cores)
-    python benchmarks/finetune_vs_trl.py --model qwen-coder-0.5b --repeats 2
+    python benchmarks/finetune_vs_trl.py                                  # SmolLM2-135M, 1 round (~3 min, quiet 2 cores)
+    python benchmarks/finetune_vs_trl.py --model qwen-coder-0.5b --repeats 2   # ~5 min per round
     python benchmarks/finetune_vs_trl.py --arms trl,trl-tuned,ours        # where the gain comes from
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,8 @@ def arm_command(arm: str, args, work: Path) -> tuple[list[str], dict]:
 
 
 def run_arm(arm: str, args, round_index: int) -> dict:
+    if args.scratch:
+        args.scratch.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"ft-{arm}-{round_index}-", dir=args.scratch))
     command, env = arm_command(arm, args, work)
     log = work / "arm.log"
@@ -117,6 +120,8 @@ def run_arm(arm: str, args, round_index: int) -> dict:
     else:
         result = json.loads((work / "arm.json").read_text())
     result["process_sec"] = time.perf_counter() - start
+    if not args.scratch:  # a temp folder: drop the adapters and logs of runs that succeeded
+        shutil.rmtree(work, ignore_errors=True)
     print(f"  {arm}: train {result['train_sec']:.1f} s (CPU {result['cpu_sec']:.1f} s), peak RSS "
           f"{common.human_bytes(result['peak_rss_bytes'])}, held-out exact match {result['after']['metric']:.0%}",
           flush=True)
@@ -178,7 +183,8 @@ def parse_args(argv=None):
     parser.add_argument("--heldout-file", type=Path, default=REPO / "data" / "finetune_heldout.jsonl")
     parser.add_argument("--eval-batch-size", type=int, default=25)
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answer cap for both arms' scoring")
-    parser.add_argument("--scratch", type=Path, default=None, help="folder for the runs' adapters (default: temp)")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="keep each run's adapter and log here (default: a temp folder, deleted after success)")
     parser.add_argument("--results-dir", type=Path, default=None)
     parser.add_argument("--run-arm", choices=["trl", "trl-tuned"], help=argparse.SUPPRESS)  # internal: one TRL run
     parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
