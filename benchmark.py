@@ -145,11 +145,8 @@ def sha256_text(text: str) -> str:
 
 
 def cache_kwargs(model, cache) -> dict:
-    """The KV-cache argument under its name in this transformers version (5.2x renamed past_key_values to
-    cache, and the old name warns on every call)."""
-    import inspect
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+    """The KV-cache argument under its name in this transformers version (see common.cache_keyword)."""
+    return {common.cache_keyword(model): cache, "use_cache": True}
 
 
 def output_cache(output):

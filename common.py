@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -504,6 +505,18 @@ def stop_token_ids(tokenizer, spec: ModelSpec | None = None) -> list[int]:
     return sorted(ids)
 
 
+def cache_keyword(model) -> str:
+    """forward()'s KV-cache argument name: transformers 5.2x renamed `past_key_values` to `cache` (the old name
+    warns on every call), so ask the model class which one it takes."""
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:
+    import inspect
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 # --------------------------------------------------------------------------------------------- measuring
 def sync(device: str) -> None:
     """Wait for queued GPU work so a clock reads the real time."""
@@ -628,19 +641,23 @@ def _finite(value):
     return value
 
 
-def write_json_atomic(path: Path, data) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
     """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(_finite(data), f, indent=1, allow_nan=False)
-            f.write("\n")
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json_atomic(path: Path, data) -> Path:
+    """JSON (non-finite numbers as null), written atomically; a value that cannot be serialized writes nothing."""
+    return write_text_atomic(path, json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
 
 
 def utc_stamp() -> str:

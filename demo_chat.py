@@ -359,12 +359,6 @@ def held_back(text: str, stop_texts: tuple) -> int:
     return 0
 
 
-def cache_keyword(model) -> str:
-    """transformers 5.x renamed the KV-cache argument `past_key_values` to `cache`; accept both."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def stream_reply(chat: ChatModel, prompt_ids: list, settings: Settings, max_new_tokens: int, stats: ReplyStats):
     """Yield the reply's text as tokens are sampled, one token per forward pass over a KV cache.
 
@@ -373,7 +367,7 @@ def stream_reply(chat: ChatModel, prompt_ids: list, settings: Settings, max_new_
     import torch
     model, tokenizer, device = chat.loaded.model, chat.loaded.tokenizer, chat.loaded.device
     stop_texts = () if chat.templated else PLAIN_STOP_TEXTS
-    keyword = cache_keyword(model)
+    keyword = common.cache_keyword(model)
     stats.n_prompt_tokens = len(prompt_ids)
     input_ids = torch.tensor([prompt_ids], device=device)
     cache, generated, text, shown = None, [], "", 0

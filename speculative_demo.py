@@ -89,18 +89,11 @@ def timed_forward(model, token_ids: list, cache, n_logits: int, trace: list, rol
     start = time.perf_counter()
     ids = torch.tensor([token_ids], device=device)
     logits = model(input_ids=ids, use_cache=True, logits_to_keep=n_logits,
-                   **{cache_argument(type(model)): cache}).logits
+                   **{common.cache_keyword(model): cache}).logits
     logits = logits[0, -n_logits:].float()
     common.sync(device)
     trace.append((role, len(token_ids), time.perf_counter() - start))
     return logits
-
-
-@functools.cache
-def cache_argument(model_class) -> str:
-    """transformers 5 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40)."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def align_vocab(draft_logits, vocab_size: int):

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 from collections import Counter
@@ -1136,17 +1135,6 @@ def label_of(record: Record) -> str:
     return f"{label(record)} {machine(record)}"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR),
@@ -1176,7 +1164,7 @@ def run(argv=None) -> int:
             return 1
         print(f"{output} is up to date.")
         return 0
-    write_text_atomic(output, text)
+    common.write_text_atomic(output, text)
     print(f"Wrote {output} ({len(warnings)} file(s) skipped).")
     return 0
 
