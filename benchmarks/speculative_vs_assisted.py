@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each prompt reports the median")
     parser.add_argument("--k", type=int, default=5, help="draft tokens per step of ours, fixed k")
-    parser.add_argument("--k-max", type=int, default=8, help="largest k adaptive k may choose")
+    parser.add_argument("--k-max", type=int, default=16, help="most tokens adaptive k drafts in one step")
     parser.add_argument("--methods", default="target_only,target_generate,assisted,ours,ours_adaptive")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto")
@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # process holds, and a decode step measured 5-10x slower with 2 threads than with 1.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--cpu-kernels", default="packed", choices=("packed", "default"))
+    parser.add_argument("--draft-weights", default="int8", choices=("int8", "same"),
+                        help="CPU: the draft's Linear layers in int8 for assisted and ours alike (see the demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers to this JSON file")
     return parser.parse_args(argv)
@@ -120,13 +122,13 @@ def _main(argv) -> int:
     hf_logging.set_verbosity_error()
     demo_args = sd.parse_args(["--draft", args.draft, "--target", args.target, "--dtype", args.dtype,
                                "--device", args.device, "--n-prompts", str(args.n_prompts),
-                               "--cpu-kernels", args.cpu_kernels, "--k", str(args.k), "--k-max", str(args.k_max)])
+                               "--cpu-kernels", args.cpu_kernels, "--draft-weights", args.draft_weights, "--k", str(args.k), "--k-max", str(args.k_max)])
     methods = [m for m in args.methods.split(",") if m]
     start = time.perf_counter()
     with torch.inference_mode():
         pair = sd.load_pair(demo_args, print)
         prompts = sd.encode_prompts(pair, demo_args)
-        print(f"{pair.draft.resolved.label} -> {pair.target.resolved.label}, {pair.target.dtype}, {pair.device}, "
+        print(f"{pair.draft.resolved.label} ({pair.draft.quantize}) -> {pair.target.resolved.label}, {pair.target.dtype}, {pair.device}, "
               f"{torch.get_num_threads()} thread(s); prompts: " + ", ".join(p["kind"] for p in prompts))
         runs = sd.measure(pair, prompts, methods, repeats=args.repeats, max_new_tokens=args.max_new_tokens,
                           k=args.k, k_max=args.k_max, temperature=0.0, seed=args.seed, log=print)
@@ -140,7 +142,11 @@ def _main(argv) -> int:
             "speculative_benchmark", vars(args) | {"out": str(args.out)}, common.environment(pair.device),
             draft=pair.draft.identity(), target=pair.target.identity(), ours_method=OURS,
             prompts=[{k: v for k, v in p.items() if k != "ids"} for p in prompts], median_tok_per_sec=medians,
-            ratios=result, lossless=lossless,
+            ratios=result, lossless=lossless, dtype=pair.target.dtype,
+            targets={"vs_assisted": {"at_least": TARGET_VS_ASSISTED, "measured": result[OURS]["vs_assisted"],
+                                     "met": result[OURS]["vs_assisted"] >= TARGET_VS_ASSISTED},
+                     "vs_target": {"at_least": TARGET_VS_TARGET, "measured": result[OURS]["vs_target"],
+                                   "met": result[OURS]["vs_target"] >= TARGET_VS_TARGET}},
             samples={m: [stats for _, _, stats in items] for m, items in runs.items()})
         common.write_json_atomic(args.out, record)
     return 0

@@ -141,6 +141,27 @@ def speculative(created="2025-06-03T10:00:00+00:00"):
                       "0.91x."]}
 
 
+def speculative_benchmark(created="2025-06-03T11:00:00+00:00"):
+    """The shape benchmarks/speculative_vs_assisted.py writes with --out."""
+    return {"schema_version": 1, "kind": "speculative_benchmark", "created_at": created, "status": "complete",
+            "config": {"max_new_tokens": 128, "repeats": 3, "threads": 1}, "environment": CPU_ENV,
+            "draft": {"name": "qwen-coder-0.5b", "dtype": "bfloat16", "quantization": "int8-dynamic"},
+            "target": {"name": "qwen-coder-1.5b", "dtype": "bfloat16", "quantization": "none"},
+            "dtype": "bfloat16", "ours_method": "ours_adaptive",
+            "prompts": [{"kind": "code", "text": "def f"}, {"kind": "prose", "text": "Once"}],
+            "median_tok_per_sec": {"target_only": [9.25, 9.5], "assisted": [16.5, 11.25],
+                                   "ours_adaptive": [20.75, 12.5]},
+            "ratios": {"target_only": {"vs_target": 0.99, "vs_target_by_prompt": [0.98, 1.0], "vs_assisted": 0.7},
+                       "assisted": {"vs_target": 1.44, "vs_target_by_prompt": [1.78, 1.17], "vs_assisted": 1.0},
+                       "ours_adaptive": {"vs_target": 1.72, "vs_target_by_prompt": [2.24, 1.32],
+                                         "vs_assisted": 1.19}},
+            "targets": {"vs_assisted": {"at_least": 1.0, "measured": 1.19, "met": True},
+                        "vs_target": {"at_least": 1.5, "measured": 1.72, "met": True}},
+            "lossless": {"checked": True, "dtype": "bfloat16", "strict": False, "n_prompts": 2,
+                         "by_method": {"ours": {"n_runs": 6, "n_identical": 5, "divergences": [{}]}},
+                         "divergences": [{}], "all_explained": True}}
+
+
 def write(folder: Path, name: str, data) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -160,6 +181,7 @@ def good_results(tmp_path):
         cats={"abstract_algebra": (10, 20), "world_religions": (13, 20)}))
     write(folder, "finetune-smollm2-135m-1.json", finetune())
     write(folder, "speculative-qwen-1.json", speculative())
+    write(folder, "speculative-benchmark-qwen-1.json", speculative_benchmark())
     write(folder, "download-smollm2-135m.json", {"schema_version": 1, "kind": "download", "created_at": "x",
                                                  "status": "complete"})
     return folder
@@ -235,6 +257,11 @@ def test_generator_builds_every_section_from_fixtures(good_results, tmp_path, ca
     assert text.count("```mermaid") == 5  # quadrant per machine (2), memory, frontier, k sweep
     assert "## Skipped files" not in text and capsys.readouterr().err == ""
     assert "/somewhere/" not in text  # no local paths from the records leak into the page
+    benchmark_part = section(text, "### Benchmark: qwen-coder-0.5b (int8-dynamic) → qwen-coder-1.5b")
+    headers, rows = first_table(benchmark_part)
+    assert headers == ["Method", "p1 code tok/s", "p2 prose tok/s", "vs target alone (by prompt)", "vs assisted"]
+    assert rows[-1] == ["ours_adaptive", "20.75", "12.50", "1.72 (2.24, 1.32)", "1.19"]
+    assert "ours (ours_adaptive) / target: 1.72× (target ≥ 1.5: met)" in benchmark_part
 
 
 def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_path, capsys):
@@ -468,7 +495,7 @@ def test_no_mutation_of_a_record_crashes_the_generator(tmp_path):
     folder = tmp_path / "results"
     write(folder, "z-good.json", benchmark("qwen-coder-0.5b"))
     n_runs = 0
-    for original in (benchmark("smollm2-135m"), finetune(), speculative()):
+    for original in (benchmark("smollm2-135m"), finetune(), speculative(), speculative_benchmark()):
         for path in sorted(set(leaf_paths(original)), key=str):
             if not path:
                 continue

@@ -71,10 +71,31 @@ def test_greedy_output_is_the_targets_own(models, draft_name):
             for step in out.steps:
                 histogram[step["n_accepted"]] = histogram.get(step["n_accepted"], 0) + 1
         adaptive = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, stop_ids=stop_ids,
-                                           adaptive=sd.AdaptiveK(k_start=3, k_max=6))
+                                           adaptive=sd.AdaptiveK(k_max=6))
         assert adaptive.tokens == reference.tokens
     if draft_name == "noisy":  # partial acceptance really happened, so the rollback paths were exercised
         assert histogram.get(0, 0) > 0 and sum(v for n, v in histogram.items() if 0 < n < 7) > 10
+
+
+@pytest.mark.skipif(not sd.int8_draft_supported(), reason="torch without fbgemm")
+def test_int8_draft_stays_close_and_keeps_the_output_exact(models):
+    """The CPU draft's Linear layers in int8: close to the float layer, and the target still decides every token."""
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64)
+    quantized = sd.int8_linear_class()(linear)
+    error = (quantized(x) - linear(x)).abs().max() / linear(x).abs().max()
+    assert quantized(x).shape == (3, 5, 48) and 0 < error < 0.03
+    draft = copy.deepcopy(models["noisy"])
+    assert sd.swap_linears(draft, sd.int8_linear_class()) == sum(
+        type(m) is torch.nn.Linear for m in models["noisy"].modules())
+    target = models["target"]
+    for prompt in random_prompts(4, seed=11):
+        reference = sd.reference_generate(target, prompt, max_new_tokens=20)
+        for k in (2, 5):
+            out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k)
+            assert out.tokens == reference.tokens and sd.run_stats("ours", out)["n_accepted"] > 0
+        out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, adaptive=sd.AdaptiveK())
+        assert out.tokens == reference.tokens
 
 
 def test_identical_draft_accepts_every_token(models):
@@ -88,12 +109,12 @@ def test_identical_draft_accepts_every_token(models):
 
 def test_independent_draft_is_mostly_rejected_and_adaptive_k_backs_off(models):
     prompt = random_prompts(1, seed=3)[0]
-    adaptive = sd.AdaptiveK(k_start=4, k_max=8)
+    adaptive = sd.AdaptiveK(k_max=8)
     out = sd.speculative_generate(models["target"], models["independent"], prompt, max_new_tokens=60,
                                   adaptive=adaptive)
     assert sd.run_stats("ours", out)["acceptance_rate"] < 0.3
-    assert out.k_trace[:2] == [0, 4] and out.k_trace[-10:].count(0) >= 7  # mostly plain steps at the end
-    assert out.steps[1]["k"] < 4  # and the unsure draft stopped before its cap
+    assert out.k_trace[:2] == [0, 8] and out.k_trace[-10:].count(0) >= 7  # mostly plain steps at the end
+    assert out.steps[1]["k"] < 8  # and the unsure draft stopped before its cap
 
 
 # -------------------------------------------------------------------------------------------- caches
@@ -145,8 +166,10 @@ def test_accept_rule_keeps_the_target_distribution_at_every_position():
     """Fixed p (target) and q (draft) per position; 10,000 steps of the accept rule with drafts drawn from q."""
     generator = torch.Generator().manual_seed(0)
     vocab, k, n_trials = 6, 3, 10_000
-    p = torch.distributions.Dirichlet(torch.ones(vocab)).sample((k + 1,))
-    q = torch.distributions.Dirichlet(torch.ones(vocab)).sample((k + 1,))
+    def dirichlet():  # flat Dirichlet = normalised Exp(1) draws, from the seeded generator (not the global RNG)
+        e = -torch.rand(k + 1, vocab, generator=generator).log()
+        return e / e.sum(dim=-1, keepdim=True)
+    p, q = dirichlet(), dirichlet()
     p_logits = p.log()  # temperature 1: softmax(log p) = p
     counts = torch.zeros(k + 1, vocab)
     for _ in range(n_trials):
@@ -246,12 +269,24 @@ def simulate_adaptive(adaptive, accept, n_steps: int) -> list:
     return trace
 
 
-def test_adaptive_k_climbs_when_drafts_pass_and_falls_back_to_plain_decoding():
-    climbing = simulate_adaptive(sd.AdaptiveK(k_start=2, k_max=6), accept=lambda k: k, n_steps=12)
-    assert climbing[:3] == [0, 2, 3] and climbing[-1] == 6  # first a plain step to measure the 1-token cost
-    falling = simulate_adaptive(sd.AdaptiveK(k_start=4, k_max=6), accept=lambda k: 0, n_steps=40)
-    assert falling[:2] == [0, 4]
-    assert falling[6:].count(0) >= 30 and 1 in falling[6:]  # plain decoding, with an occasional k=1 probe
+def test_adaptive_k_speculates_while_it_pays_and_falls_back_to_plain_decoding():
+    passing = simulate_adaptive(sd.AdaptiveK(k_max=6), accept=lambda k: k, n_steps=12)
+    assert passing == [0] + [6] * 11  # first a plain step to measure the 1-token cost, then up to k_max
+    failing = simulate_adaptive(sd.AdaptiveK(k_max=6), accept=lambda k: 0, n_steps=60)
+    assert failing[:2] == [0, 6]
+    switched = failing.index(0, 1)  # the first plain step after speculation stopped paying
+    assert switched <= 8 and failing[switched:].count(0) >= 50  # plain decoding from then on,
+    assert 6 in failing[switched:]  # with an occasional probe
+    probes = [i for i in range(switched, 60) if failing[i] == 6]
+    assert probes == sorted(probes) and probes[1] - probes[0] > probes[0] - switched  # probing less often
+
+
+def test_adaptive_stop_rule_prices_one_more_draft():
+    adaptive = sd.AdaptiveK(k_max=6)
+    simulate_adaptive(adaptive, accept=lambda k: k, n_steps=6)  # c = 0.1, s = 0.05, rate (6 + 1) / 1.9
+    rate = adaptive.rate
+    assert 1.25 < rate < 7 / 1.9
+    assert adaptive.stop_below == pytest.approx((0.1 + 0.05) * rate)
 
 
 def test_expected_speedup_and_break_even():
@@ -306,6 +341,7 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
     assert code == 0, out
     record = json.loads(next(results_dir.glob("speculative-*.json")).read_text())
     assert record["kind"] == "speculative" and record["dtype"] == "float32"
+    assert record["draft"]["quantization"] == ("int8-dynamic" if sd.int8_draft_supported() else "none")
     assert set(record["methods"]) == set(sd.METHODS)
     assert record["lossless"]["checked"] and record["lossless"]["n_runs"] == 2 + 2 + 4
     assert record["lossless"]["n_identical"] == record["lossless"]["n_runs"]
