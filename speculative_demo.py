@@ -26,7 +26,9 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import itertools
 import math
+import operator
 import os
 import statistics
 import time
@@ -229,7 +231,7 @@ def speculative_generate(target, draft, prompt_ids: list, *, max_new_tokens: int
                           "target_cache_len": target_cache.get_seq_length(),
                           "draft_cache_len": draft_cache.get_seq_length()})
         if adaptive:
-            adaptive.update(k_step, n_accepted, out.forwards[n_forwards:])
+            adaptive.update(k_step, n_accepted, out.forwards[n_forwards:], confidences)
     out.total_sec = time.perf_counter() - start
     out.caches = (target_cache, draft_cache)
     return out
@@ -243,16 +245,16 @@ class AdaptiveK:
     the draft's own chance that every draft so far is right (the product of its top probabilities). The same time
     spent on other steps buys R tokens per target step, R being the throughput of recent speculative steps. So the
     draft goes on while P >= (c + s) R, up to k_max: a cheap, confident draft writes long runs (code), an unsure one
-    stops after a token or two (prose). The rule looks only at the draft, so the output stays exact.
+    stops after a token or two (prose). P is scaled by a calibration, the drafts accepted over the drafts its
+    confidences predicted, so a draft that is confidently wrong (or sampling, where the top probability says
+    little) learns to stop early. The rule looks only at the draft, so the output stays exact.
     Between steps: the first step is plain, so the 1-token target cost everything is compared with is measured,
     not extrapolated. When speculative steps buy fewer tokens per target step than plain decoding's one (R < 1),
     it decodes plainly and probes one speculative step every `probe_every` plain steps (doubling to 64 while that
     does not pay) to notice a draft that starts agreeing again; that probe and the first steps are the only price
     paid when the draft is useless.
-    Replaying the draft's confidences along the target's greedy output on the Qwen pair (4 prompts, int8 draft,
-    c = 0.25) through a cost model, this rule modelled 1.72x the target alone where the previous one (an
-    acceptance-rate model choosing k, climbing one step at a time, stopping at P < c) modelled 1.58x; that model
-    predicted 1.33x for the old rule with the bf16 draft, and the benchmark had measured 1.32x.
+    benchmarks/speculative_replay.py compares this rule with fixed k and transformers' default on recorded draft
+    confidences, without timing noise.
     """
 
     def __init__(self, k_max: int = 16, decay: float = 0.9):
@@ -262,6 +264,8 @@ class AdaptiveK:
         self.rate = 1.25  # R: tokens per 1-token target forward over recent speculative steps (prior: a little above
         # break-even, so one unlucky first step does not end speculation)
         self.accepted, self.rejected = 0, 0  # counted over speculative steps, for the record
+        # Calibration: drafts accepted over drafts the draft's confidences predicted (decayed sums; prior 1:1).
+        self.realized, self.predicted = 1.0, 1.0
         # Recent timings; medians, not means: on a shared machine one forward in twenty can take 5x as long.
         self.draft_times = collections.deque(maxlen=15)  # single-token draft forwards
         self.target_times = {}  # n tokens -> deque of target forward times
@@ -281,12 +285,18 @@ class AdaptiveK:
         return self.accepted / total if total else None
 
     @property
+    def calibration(self) -> float:
+        """How far to trust the draft's confidence: accepted drafts over the number its confidences predicted."""
+        return min(2.0, max(0.05, self.realized / self.predicted))
+
+    @property
     def stop_below(self) -> float:
-        """Draft no further once the draft's chance that all its drafts are right falls below (c + s) R."""
+        """Draft no further once the draft's chance that all its drafts are right (its confidence product, times
+        the calibration) falls below (c + s) R."""
         if self.draft_sec is None or self.base_sec is None:
             return 0.3
         price = (self.draft_sec + self.slope_sec) / self.base_sec
-        return min(0.95, max(0.05, price * self.rate))
+        return min(0.99, max(0.01, price * self.rate / self.calibration))
 
     def fit_target_cost(self) -> None:
         """A line from the 1-token cost through the verify passes, the 1-token cost no dearer than any longer
@@ -302,8 +312,9 @@ class AdaptiveK:
         """Seconds for a target forward over n tokens."""
         return self.base_sec + self.slope_sec * (n_tokens - 1)
 
-    def update(self, k: int, n_accepted: int, forwards: list) -> None:
-        """After a step that drafted k tokens (0 = plain) and kept n_accepted; forwards: its (role, n, sec)."""
+    def update(self, k: int, n_accepted: int, forwards: list, confidences=()) -> None:
+        """After a step that drafted k tokens (0 = plain) and kept n_accepted; forwards: its (role, n, sec);
+        confidences: the draft's top probability for each of its k tokens."""
         for role, n_tokens, sec in forwards:
             if role == "draft" and n_tokens <= 2:  # a long catch-up feed is not the per-token cost
                 self.draft_times.append(sec)
@@ -320,6 +331,10 @@ class AdaptiveK:
             return
         self.accepted += n_accepted
         self.rejected += n_accepted < k
+        if confidences:  # the expected number accepted, had the confidences been right: sum of path products
+            path_probabilities = itertools.accumulate(confidences, operator.mul)
+            self.predicted = self.decay * self.predicted + sum(path_probabilities)
+            self.realized = self.decay * self.realized + n_accepted
         step_rate = (n_accepted + 1) / (sum(sec for _, _, sec in forwards) / self.base_sec)
         if self.probing:  # a probe decides alone: the rate from before the plain steps is stale
             self.probing, self.rate = False, step_rate

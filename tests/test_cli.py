@@ -8,7 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["download_models.py", "benchmark.py", "demo_chat.py", "finetune_demo.py", "speculative_demo.py",
-           "docs/generate.py", "benchmarks/gpu_check.py"]
+           "docs/generate.py", "benchmarks/gpu_check.py", "benchmarks/speculative_vs_assisted.py",
+           "benchmarks/speculative_replay.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

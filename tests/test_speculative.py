@@ -351,6 +351,17 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
     assert "[" in out and "draft token accepted" in out  # plain-text markers, since stdout is not a terminal
 
 
+def test_replay_prices_drafting_rules_on_a_recorded_path():
+    import runpy
+    replay = runpy.run_path(str(REPO / "benchmarks" / "speculative_replay.py"))["replay"]
+    perfect = {"tokens": list(range(41)), "guesses": list(range(41)), "confidences": [1.0] * 41}
+    assert replay(perfect, 0.0, 0.0, {"cap": 4}) == pytest.approx(40 / 8)  # 8 free steps of 4 drafts + 1 bonus
+    assert replay(perfect, 0.25, 0.05, sd.AdaptiveK(k_max=16)) > 2.5  # a perfect cheap draft: long runs
+    useless = {"tokens": list(range(81)), "guesses": [-1] * 81, "confidences": [0.9] * 81}
+    assert replay(useless, 0.25, 0.05, {"cap": 4}) < 0.5  # 4 wasted drafts per token
+    assert 0.85 < replay(useless, 0.25, 0.05, sd.AdaptiveK(k_max=16)) <= 1.0  # falls back to the target alone
+
+
 def test_benchmark_help_is_fast():
     code = ("import runpy, sys; sys.argv = ['speculative_vs_assisted.py', '--help']\n"
             f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'speculative_vs_assisted.py')!r},"

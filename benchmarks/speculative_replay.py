@@ -1,0 +1,150 @@
+"""Replay drafting rules without timing noise: how adaptive k's rule was chosen, and a way to check it on a pair.
+
+The target writes its greedy output once; the draft then reads that output token by token (its own KV cache, as in
+real decoding) and records, at every position, its greedy guess and its confidence (top probability). Along the
+target's greedy path that is all a drafting rule ever sees: a draft token is accepted exactly when it equals the
+target's token, and everything after the first miss in a step is thrown away. So each rule can be replayed over the
+same recorded positions, and priced with a cost model measured once in this run: a draft forward costs c target
+steps, a verify pass over n tokens 1 + s (n - 1). Modelled speedup = new tokens / modelled cost.
+
+Rules: fixed k; transformers' assisted generation default (draft up to 20, stop after a token under 0.4
+confidence); and AdaptiveK from speculative_demo.py (the real class, fed the modelled timings).
+
+    python benchmarks/speculative_replay.py                          # Qwen2.5-Coder 0.5B (int8) -> 1.5B, bf16
+    python benchmarks/speculative_replay.py --draft-weights same     # the bf16 draft
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
+
+TRANSFORMERS_DEFAULT = {"cap": 20, "stop_after_confidence_below": 0.4}  # num_assistant_tokens, confidence threshold
+
+
+def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
+    """The target's greedy tokens, and the draft's guess and confidence at each of them (incremental, cached)."""
+    import torch
+    from transformers import DynamicCache
+
+    import speculative_demo as sd
+    reference = sd.reference_generate(pair.target.model, prompt_ids, max_new_tokens=max_new_tokens,
+                                      stop_ids=pair.stop_ids)
+    cache, guesses, confidences = DynamicCache(), [], []
+    feed = prompt_ids
+    for token in reference.tokens:
+        logits = sd.timed_forward(pair.draft.model, feed, cache, 1, [], "draft", pair.device)[-1]
+        probs = torch.softmax(logits, dim=-1)
+        guesses.append(int(probs.argmax()))
+        confidences.append(float(probs.max()))
+        feed = [token]
+    return {"tokens": reference.tokens, "guesses": guesses, "confidences": confidences}
+
+
+def measure_costs(pair, prompt_ids: list, repeats: int = 9) -> tuple:
+    """(c, s): draft 1-token forward over target 1-token forward, and the verify slope per extra token."""
+    import torch
+    from transformers import DynamicCache
+
+    import speculative_demo as sd
+
+    def median_sec(model, n_tokens: int) -> float:
+        cache = DynamicCache()
+        sd.timed_forward(model, prompt_ids, cache, 1, [], "x", pair.device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sd.timed_forward(model, [100] * n_tokens, cache, n_tokens, [], "x", pair.device)
+            times.append(time.perf_counter() - start)
+            sd.rollback(cache, len(prompt_ids))
+        return statistics.median(times)
+    with torch.inference_mode():
+        one = median_sec(pair.target.model, 1)
+        nine = median_sec(pair.target.model, 9)
+        draft = median_sec(pair.draft.model, 1)
+    return draft / one, max(0.0, (nine - one) / one / 8)
+
+
+def replay(path: dict, c: float, s: float, rule) -> float:
+    """Modelled speedup of one drafting rule over the target alone along one recorded path."""
+    tokens, guesses, confidences = path["tokens"], path["guesses"], path["confidences"]
+    position, cost = 1, 0.0  # the first new token comes from the prefill, as in both methods
+    adaptive = rule if not isinstance(rule, dict) else None
+    while position < len(tokens):
+        cap = min(adaptive.k if adaptive else rule["cap"], len(tokens) - position - 1)
+        k, path_probability = 0, 1.0
+        while k < cap:
+            confidence = confidences[position + k]
+            k += 1
+            path_probability *= confidence
+            if adaptive and path_probability < adaptive.stop_below:
+                break
+            if not adaptive and confidence < rule.get("stop_after_confidence_below", 0.0):
+                break
+        accepted = 0
+        while accepted < k and guesses[position + accepted] == tokens[position + accepted]:
+            accepted += 1
+        step_cost = k * c + 1 + s * k
+        if adaptive:  # modelled timings, in units of one 1-token target forward
+            adaptive.update(k, accepted, [("draft", 1, c)] * k + [("target", k + 1, 1 + s * k)],
+                            confidences[position:position + k])
+        cost, position = cost + step_cost, position + accepted + 1
+    return (len(tokens) - 1) / cost
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--draft", default="qwen-coder-0.5b")
+    parser.add_argument("--target", default="qwen-coder-1.5b")
+    parser.add_argument("--draft-weights", default="int8", choices=("int8", "same"))
+    parser.add_argument("--n-prompts", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--k-max", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return common.run_cli(_main, argv)
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    import torch
+
+    import speculative_demo as sd
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    demo_args = sd.parse_args(["--draft", args.draft, "--target", args.target, "--draft-weights", args.draft_weights,
+                               "--n-prompts", str(args.n_prompts), "--dtype", "bfloat16", "--device", "cpu"])
+    with torch.inference_mode():
+        pair = sd.load_pair(demo_args, print)
+        prompts = sd.encode_prompts(pair, demo_args)
+        c, s = measure_costs(pair, prompts[0]["ids"])
+        paths = [record_path(pair, p["ids"], args.max_new_tokens) for p in prompts]
+    print(f"{pair.draft.resolved.label} ({pair.draft.quantize}) -> {pair.target.resolved.label}: measured c = {c:.3f}, "
+          f"s = {s:.3f}; draft agreement along the target's path: "
+          + ", ".join(f"{p['kind']} {statistics.fmean(g == t for g, t in zip(q['guesses'], q['tokens'])):.2f}"
+                      for p, q in zip(prompts, paths)))
+    rules = [(f"fixed k={k}", lambda k=k: {"cap": k}) for k in (1, 2, 3, 4, 6, 8)]
+    rules += [("transformers default (20, stop < 0.4)", lambda: TRANSFORMERS_DEFAULT),
+              (f"adaptive k (max {args.k_max})", lambda: sd.AdaptiveK(k_max=args.k_max))]
+    print(f"\nmodelled speedup over the target alone ({' '.join(p['kind'] for p in prompts)}; geometric mean)")
+    for name, make in rules:
+        speedups = [replay(path, c, s, make()) for path in paths]
+        mean = math.exp(statistics.fmean(math.log(x) for x in speedups))
+        print(f"  {name:<38} {mean:5.2f}x  (" + " ".join(f"{x:.2f}" for x in speedups) + ")")
+    print("(a model, not a measurement: benchmarks/speculative_vs_assisted.py measures)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
