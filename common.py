@@ -464,9 +464,16 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", quantize: s
     load_sec = time.perf_counter() - start
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return LoadedModel(model, tokenizer, resolved, device, dtype, quantize, load_sec, weight_bytes,
+    return LoadedModel(model, tokenizer, resolved, device, dtype, quantize, load_sec, model_weight_bytes(model),
                        n_params, memory)
+
+
+def model_weight_bytes(model) -> int:
+    """Bytes held by a model's parameters and buffers, plus weights a module keeps outside them (a layer that
+    swapped its weight for a packed or quantized copy says how many bytes that copy holds in `packed_bytes`)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) + \
+        sum(getattr(module, "packed_bytes", 0) for module in model.modules())
 
 
 def explain_load_error(resolved: ResolvedModel, error: Exception) -> str:

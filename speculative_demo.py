@@ -57,6 +57,7 @@ TOKEN_LEGEND = {"accepted": "draft token accepted", "correction": "target's corr
 # only a gap under 1e-3 may flip; anything wider is a bug.
 NEAR_TIE_LOGIT = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
 N_TOP_LOGITS = 5  # logits the reference keeps per position, to explain divergences
+INT8_DRAFT = "int8-dynamic"  # the draft's `quantization` once its Linear layers run in int8 (--draft-weights int8)
 HUB_CACHE_FILE = "config.json"  # probed in the Hugging Face cache to tell "downloaded" from "missing"
 
 
@@ -263,7 +264,6 @@ class AdaptiveK:
         self.base_sec, self.slope_sec = None, 0.0  # the target cost line, refitted after every step
         self.rate = 1.25  # R: tokens per 1-token target forward over recent speculative steps (prior: a little above
         # break-even, so one unlucky first step does not end speculation)
-        self.accepted, self.rejected = 0, 0  # counted over speculative steps, for the record
         # Calibration: drafts accepted over drafts the draft's confidences predicted (decayed sums; prior 1:1).
         self.realized, self.predicted = 1.0, 1.0
         # Recent timings; medians, not means: on a shared machine one forward in twenty can take 5x as long.
@@ -278,11 +278,6 @@ class AdaptiveK:
     def target_sec(self, n_tokens: int) -> float | None:
         times = self.target_times.get(n_tokens)
         return statistics.median(times) if times else None
-
-    @property
-    def alpha(self) -> float | None:
-        total = self.accepted + self.rejected
-        return self.accepted / total if total else None
 
     @property
     def calibration(self) -> float:
@@ -308,10 +303,6 @@ class AdaptiveK:
         slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points) if points else 0.0
         self.slope_sec = min(max(slope, 0.0), self.base_sec)
 
-    def target_cost(self, n_tokens: int) -> float:
-        """Seconds for a target forward over n tokens."""
-        return self.base_sec + self.slope_sec * (n_tokens - 1)
-
     def update(self, k: int, n_accepted: int, forwards: list, confidences=()) -> None:
         """After a step that drafted k tokens (0 = plain) and kept n_accepted; forwards: its (role, n, sec);
         confidences: the draft's top probability for each of its k tokens."""
@@ -329,8 +320,6 @@ class AdaptiveK:
             if self.plain_steps >= self.probe_every:  # probe: one speculative step
                 self.plain_steps, self.k, self.probing = 0, self.k_max, True
             return
-        self.accepted += n_accepted
-        self.rejected += n_accepted < k
         if confidences:  # the expected number accepted, had the confidences been right: sum of path products
             path_probabilities = itertools.accumulate(confidences, operator.mul)
             self.predicted = self.decay * self.predicted + sum(path_probabilities)
@@ -747,6 +736,9 @@ def int8_linear_class():
                                                      torch.qint8)
             bias = linear.bias.detach().float() if linear.bias is not None else None
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            # For common.model_weight_bytes: int8 weights, float64 scales and int64 zero points per row, fp32 bias
+            # (a 151936 x 896 layer: 139 MB counted, 148 MB of RSS measured; fbgemm's row offsets are not counted)
+            self.packed_bytes = weight.numel() + scale.numel() * 16 + (bias.numel() * 4 if bias is not None else 0)
 
         def forward(self, x):
             # reduce_range: 7-bit activations, as fbgemm asks, so that CPUs whose int8 kernels add in 16 bits
@@ -812,7 +804,7 @@ def load_pair(args, log) -> Pair:
     if device == "cpu" and not universal:
         if args.draft_weights == "int8" and draft.quantize == "none" and int8_draft_supported():
             swap_linears(draft.model, int8_linear_class())
-            draft.quantize = "int8-dynamic"
+            draft.quantize, draft.weight_bytes = INT8_DRAFT, common.model_weight_bytes(draft.model)
         for loaded in (target, draft):
             if args.cpu_kernels == "packed" and loaded.quantize == "none":
                 pack_cpu_linears(loaded.model, loaded.dtype)
@@ -948,7 +940,7 @@ def honesty_notes(record: dict) -> list:
     """Plain sentences on where speculative decoding did not pay in this run."""
     notes = []
     cost = record["cost"]
-    if record["draft"]["quantization"] == "int8-dynamic":
+    if record["draft"]["quantization"] == INT8_DRAFT:
         notes.append("the draft's Linear layers ran in int8 (--draft-weights int8) for transformers' assisted "
                      "generation and ours alike; the target was not quantized, so its output is unchanged.")
     if cost["cost_ratio"] is not None:

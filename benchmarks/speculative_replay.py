@@ -51,7 +51,6 @@ def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
 
 def measure_costs(pair, prompt_ids: list, repeats: int = 9) -> tuple:
     """(c, s): draft 1-token forward over target 1-token forward, and the verify slope per extra token."""
-    import torch
     from transformers import DynamicCache
 
     import speculative_demo as sd
@@ -66,10 +65,9 @@ def measure_costs(pair, prompt_ids: list, repeats: int = 9) -> tuple:
             times.append(time.perf_counter() - start)
             sd.rollback(cache, len(prompt_ids))
         return statistics.median(times)
-    with torch.inference_mode():
-        one = median_sec(pair.target.model, 1)
-        nine = median_sec(pair.target.model, 9)
-        draft = median_sec(pair.draft.model, 1)
+    one = median_sec(pair.target.model, 1)  # the caller holds torch.inference_mode()
+    nine = median_sec(pair.target.model, 9)
+    draft = median_sec(pair.draft.model, 1)
     return draft / one, max(0.0, (nine - one) / one / 8)
 
 

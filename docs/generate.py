@@ -851,7 +851,12 @@ def finetune_section(tunes: list[Record]) -> list[str]:
     return lines
 
 
-METHOD_ORDER = ("target_only", "assisted", "ours", "ours_adaptive")  # table order of speculative methods
+METHOD_ORDER = ("target_only", "target_generate", "assisted", "ours", "ours_adaptive")  # table order
+
+
+def ordered_methods(methods: dict) -> list[str]:
+    """Speculative methods in table order; names this generator does not know go last, sorted."""
+    return [m for m in METHOD_ORDER if m in methods] + sorted(set(methods) - set(METHOD_ORDER))
 
 
 def speculative_section(specs: list[Record], benchmarks: list[Record]) -> list[str]:
@@ -870,7 +875,7 @@ def speculative_section(specs: list[Record], benchmarks: list[Record]) -> list[s
                   f"{len(as_list(data.get('prompts')))} prompts, temperature {data.get('temperature', 0)}; "
                   f"draft/target cost ratio {fmt_num(cost.get('cost_ratio'), 3)}. " + lossless_text(data), ""]
         methods = data["methods"]
-        names = [m for m in METHOD_ORDER if m in methods] + sorted(set(methods) - set(METHOD_ORDER))
+        names = ordered_methods(methods)
         rows = [[name, fmt_pm(m.get("tok_per_sec_mean"), m.get("tok_per_sec_stddev"), 2),
                  fmt_num(m.get("speedup"), 2), fmt_num(m.get("expected_speedup"), 2),
                  fmt_pct(m.get("acceptance_rate")), fmt_num(m.get("alpha"), 3),
@@ -890,11 +895,8 @@ def speculative_benchmark_lines(r: Record) -> list[str]:
     """benchmarks/speculative_vs_assisted.py: every method on every prompt in interleaved rounds, as ratios."""
     data, config = r.data, obj(r.data.get("config"))
     prompts = [obj(p) for p in data["prompts"]]
-    methods = [m for m in ("target_only", "target_generate", "assisted", "ours", "ours_adaptive")
-               if m in data["ratios"]] + sorted(set(data["ratios"]) - {"target_only", "target_generate", "assisted",
-                                                                         "ours", "ours_adaptive"})
     rows = []
-    for name in methods:
+    for name in ordered_methods(data["ratios"]):
         ratio, medians = obj(data["ratios"][name]), as_list(data["median_tok_per_sec"].get(name))
         rows.append([name] + [fmt_num(v, 2) if is_num(v) else "-" for v in medians]
                     + [fmt_num(ratio.get("vs_target"), 2) + " (" + ", ".join(

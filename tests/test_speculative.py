@@ -342,6 +342,8 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
     record = json.loads(next(results_dir.glob("speculative-*.json")).read_text())
     assert record["kind"] == "speculative" and record["dtype"] == "float32"
     assert record["draft"]["quantization"] == ("int8-dynamic" if sd.int8_draft_supported() else "none")
+    if sd.int8_draft_supported():  # the identity counts the int8 copies, not the float weights they replaced
+        assert 0 < record["draft"]["weight_bytes"] < record["target"]["weight_bytes"]
     assert set(record["methods"]) == set(sd.METHODS)
     assert record["lossless"]["checked"] and record["lossless"]["n_runs"] == 2 + 2 + 4
     assert record["lossless"]["n_identical"] == record["lossless"]["n_runs"]
