@@ -488,10 +488,15 @@ def explain_load_error(resolved: ResolvedModel, error: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------- prompts and stops
+def uses_chat_template(tokenizer, spec: ModelSpec | None = None) -> bool:
+    """The one answer to "is this model prompted through its chat template?": the tokenizer must carry one and the
+    registry must not call the model a base model (pythia ships a template it was never trained on)."""
+    return bool(getattr(tokenizer, "chat_template", None)) and (spec is None or spec.chat_template)
+
+
 def chat_prompt(tokenizer, messages: list[dict], spec: ModelSpec | None = None) -> str:
     """The model's own chat template; base models (no template) get a plain 'User:/Assistant:' transcript."""
-    has_template = getattr(tokenizer, "chat_template", None) and (spec is None or spec.chat_template)
-    if has_template:
+    if uses_chat_template(tokenizer, spec):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     lines = []
     for message in messages:
@@ -524,7 +529,88 @@ def _cache_keyword(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def plain_lm_head(model) -> bool:
+    """True when the logits are just lm_head(hidden): a Linear head and no soft-capping or logit scaling (Gemma 2,
+    Cohere, Granite...). Only then may a caller run the head itself (in fp32, or on chosen positions only)."""
+    import torch
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype not in (torch.float32, torch.bfloat16,
+                                                                          torch.float16):
+        return False
+    config = model.config.get_text_config()
+    return not any(getattr(config, key, None) for key in (
+        "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"))
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def new_cache():
+    """An empty KV cache that forward() fills in place."""
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
+def forward_logits(model, token_ids: list, cache, n_logits: int = 1):
+    """One forward pass over the new tokens only (the cache holds everything before them and is extended in place):
+    the float32 logits of the last n_logits positions, shape [n_logits, vocab]."""
+    import torch
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([token_ids], device=device)
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{cache_keyword(model): cache}).logits
+    return logits[0, -n_logits:].float()
+
+
+def sample_token(logits, *, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
+    """The one sampler: argmax at temperature 0; else softmax(logits / T), cut to the nucleus when top_p < 1
+    (the smallest set of tokens whose mass reaches top_p; the likeliest always stays). int() waits for the device."""
+    import torch
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_probs, order = probs.sort(descending=True)
+    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0
+    return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+
+
+def decode_steps(model, feed_ids: list, *, cache, max_new_tokens: int, pick=sample_token, stop_ids=(),
+                 forward=forward_logits):
+    """The one decode loop with a KV cache: yields (token, logits) per new token. The first forward reads feed_ids
+    (the prompt, or only what the cache does not hold yet); each later one reads the previous token. The last
+    token yielded is not fed back, so the cache holds everything before it. Stops after a stop token."""
+    feed = list(feed_ids)
+    for _ in range(max_new_tokens):
+        logits = forward(model, feed, cache)[-1]
+        token = pick(logits)
+        yield token, logits
+        if token in stop_ids:
+            return
+        feed = [token]
+
+
 # --------------------------------------------------------------------------------------------- measuring
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+CHANCE_ACCURACY = 0.25  # MMLU: four answer choices
+# Speculative methods in the order every table shows them: the baselines, then ours.
+METHOD_ORDER = ("target_only", "target_generate", "assisted", "ours", "ours_adaptive")
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def paired_ratios(values: dict, baselines: dict) -> dict:
+    """Speed-up of paired runs: each value over its baseline from the same (prompt, round) key (the load of a
+    shared machine drifts between rounds, far less within one), the median over rounds per prompt, then the
+    geometric mean over prompts. {"by_prompt": [...], "geomean": float}."""
+    import statistics
+    prompts = sorted({prompt for prompt, _ in values})
+    by_prompt = [statistics.median(values[p, r] / baselines[p, r] for q, r in values if q == p and (p, r) in baselines)
+                 for p in prompts]
+    return {"by_prompt": by_prompt, "geomean": geometric_mean(by_prompt)}
+
+
 def sync(device: str) -> None:
     """Wait for queued GPU work so a clock reads the real time."""
     import torch
@@ -651,14 +737,17 @@ def _finite(value):
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as error:
+        raise UserError(f"Could not write {path.name} into {path.parent} ({folder_problem(error)}).") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: there is no temp file to remove
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -721,3 +810,201 @@ def human_bytes(n: float | None) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def folder_problem(error: OSError) -> str:
+    """What an OSError on a folder means, in words."""
+    import errno
+    return {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a path component is a file, not a folder",
+            errno.EEXIST: "a file of that name is in the way"}.get(error.errno, error.strerror or str(error))
+
+
+def check_writable(folder: Path, *, need_bytes: int = 0, what: str = "output folder") -> Path:
+    """Refuse, before any model loads, an output folder that cannot be created or written or that lacks room: a
+    run must not work for minutes and then lose its record. Creates the folder."""
+    import shutil
+    import tempfile
+    folder = Path(folder).expanduser()
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"The {what} {folder} is a file, not a folder; pass another path.")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
+            probe.write(b"x" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        raise UserError(f"The {what} {folder} cannot be written ({folder_problem(error)}); "
+                        "pass a writable folder.") from None
+    # A record and its samples log are well under 1 MiB; a nearly full disk still fails there.
+    need = max(need_bytes, 1 << 20)
+    if free < need:
+        raise UserError(f"The {what} {folder} has {human_bytes(free)} free but this run needs about "
+                        f"{human_bytes(need)}; free some space or pass another folder.")
+    return folder
+
+
+# ---------------------------------------------------------------------------------- command-line vocabulary
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+QUANTIZE_CHOICES = ("none", "8bit", "4bit")
+
+
+def _number_type(convert, name: str, ok, rule: str):
+    def parse(text: str):
+        import argparse
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {name}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"'{text}' must be {rule}")
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number_type(int, "a whole number", lambda v: v > 0, "at least 1")
+non_negative_int = _number_type(int, "a whole number", lambda v: v >= 0, "0 or more")
+positive_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v > 0, "a number above 0")
+non_negative_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v >= 0, "0 or more")
+probability = _number_type(float, "a number", lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def argument_parser(doc: str):
+    """The one parser shape: the module docstring's first paragraph as description, the rest (example commands)
+    as the epilog, kept as written, and every flag's default shown in --help."""
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    description, _, epilog = (doc or "").strip().partition("\n\n")
+    return argparse.ArgumentParser(description=description, epilog=epilog or None, formatter_class=Formatter)
+
+
+def add_common_flags(parser, *, models: bool = True, results: bool = True, threads: bool = True) -> None:
+    """The flags every script spells the same way, with the same meaning."""
+    if models:
+        parser.add_argument("--models-dir", type=Path, default=MODELS_DIR,
+                            help="where downloaded and converted models live (env BILLION_LLM_MODELS_DIR)")
+    if results:
+        parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                            help="where the JSON record of this run is written (env BILLION_LLM_RESULTS_DIR)")
+    if threads:
+        parser.add_argument("--threads", type=non_negative_int, default=0,
+                            help="torch CPU threads; 0 = automatic: the physical cores other processes leave "
+                                 "idle (on a busy machine 1 thread can be several times faster than 2)")
+
+
+def deprecated_alias(parser, old: str, new: str) -> None:
+    """Keep a renamed flag working for one release, with a one-line note on stderr each time it is used."""
+    import argparse
+    target = parser._option_string_actions[new]  # argparse keeps no public map from option to action
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"note: {old} is deprecated and will be removed in the next release; use {new}.",
+                  file=sys.stderr)
+            setattr(namespace, target.dest, values)
+
+    parser.add_argument(old, dest=target.dest, type=target.type, choices=target.choices, action=Alias,
+                        help=argparse.SUPPRESS)
+
+
+class CpuThreads:
+    """Torch CPU threads: `--threads N` fixes N; 0 means the physical cores other processes leave idle, decided
+    now and (for long jobs that call update()) re-decided as the machine's load changes.
+
+    On a quiet machine torch's default (one thread per physical core) is fastest. When another process keeps a
+    core busy, torch's OpenMP threads wait for each other at every op while one of them is descheduled: on this
+    project's shared 2-core machine LoRA steps went from ~0.5 s to 2-70 s, and a chat reply was 6x slower with
+    two threads than with one. A single thread has nobody to wait for."""
+
+    def __init__(self, fixed: int = 0, enabled: bool = True):
+        import psutil
+        import torch
+        self.torch, self.psutil = torch, psutil
+        self.enabled = enabled and not fixed
+        self.physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        self.n_cpu = os.cpu_count() or 1
+        self.process = psutil.Process()
+        self.changes = []  # [step (-1: evaluation), threads] whenever the count changes
+        if fixed:
+            torch.set_num_threads(fixed)
+        elif self.enabled:
+            psutil.cpu_percent(None), self.process.cpu_percent(None)
+            time.sleep(0.3)  # a first sample of what the rest of the machine is doing
+            self.update(step=0)
+
+    def others_busy_cores(self) -> float:
+        """Cores used by other processes since the last call (system use minus ours)."""
+        system = self.psutil.cpu_percent(None) / 100 * self.n_cpu
+        return max(0.0, system - self.process.cpu_percent(None) / 100)
+
+    def update(self, step: int = 0) -> None:
+        if not self.enabled:
+            return
+        others = self.others_busy_cores()
+        threads = self.physical if others < 0.5 else max(1, min(self.physical, int(self.n_cpu - others + 0.3)))
+        if threads != self.torch.get_num_threads():
+            self.torch.set_num_threads(threads)
+            self.changes.append([step, threads])
+
+    def describe(self) -> str:
+        mode = "adapts to the idle cores" if self.enabled else "fixed"
+        return f"{self.torch.get_num_threads()} of {self.physical} physical cores ({mode})"
+
+
+# ------------------------------------------------------------------------------------------------ terminal
+def make_console(*, markup: bool = True, stderr: bool = False):
+    """The one rich console: colour only on a terminal (rich honours NO_COLOR); off a terminal no 80-column wrap,
+    so logs and CI keep whole table rows. markup=False prints generated text as is ("[x]" is no style tag)."""
+    from rich.console import Console
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", 200))
+    return Console(highlight=False, markup=markup, stderr=stderr, width=width)
+
+
+class Progress:
+    """A rich progress bar with ETA on a terminal; plain lines every ~15 s (and at the end) otherwise.
+
+        with Progress(console, "MMLU", total=400) as progress: progress.advance(1, note="philosophy")
+    """
+
+    def __init__(self, console, description: str, total: int, already_done: int = 0, columns=()):
+        self.console, self.description, self.total = console, description, total
+        self.done = self.already_done = already_done  # resumed work: shown, but not in the rate behind the ETA
+        self.start = self.last_print = time.perf_counter()
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
+                                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                    console=console, transient=False)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=self.total, completed=self.already_done)
+        return self
+
+    def advance(self, n: int = 1, note: str = ""):
+        self.done += n
+        if self.bar:
+            self.bar.update(self.task, advance=n, description=f"{self.description} {note}".strip())
+        elif time.perf_counter() - self.last_print > 15 or self.done >= self.total:
+            self.last_print = time.perf_counter()
+            elapsed = self.last_print - self.start
+            new = self.done - self.already_done
+            eta = elapsed / new * (self.total - self.done) if new else float("nan")
+            print(f"  {self.description}: {self.done}/{self.total} {note} ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                  flush=True)
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
