@@ -650,7 +650,7 @@ def run_status(statuses: list[str]) -> str:
     return "failed" if all(s == "failed" for s in statuses) else "partial"
 
 
-def main_body(argv=None) -> int:
+def run(argv=None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -689,7 +689,7 @@ def main_body(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return common.run_cli(main_body, argv)
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -834,10 +834,11 @@ def read_json(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def run_cli(main_body, argv=None) -> int:
-    """Run a script's main body: expected failures become one sentence on stderr and exit code 2."""
+def run_cli(run, argv=None) -> int:
+    """Every script's `main(argv)`: call its `run(argv)`; expected failures become one sentence on stderr and exit
+    code 2, Ctrl-C exit code 130."""
     try:
-        return main_body(argv) or 0
+        return run(argv) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

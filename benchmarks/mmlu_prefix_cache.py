@@ -58,7 +58,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main_body(argv=None) -> int:
+def run(argv=None) -> int:
     args = parse_args(argv)
     import mmlu
     if args.out:
@@ -119,7 +119,7 @@ def main_body(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return common.run_cli(main_body, argv)
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":
