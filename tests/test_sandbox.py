@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 import sandbox
+import sandbox_launcher
 
 REPO = Path(sandbox.__file__).resolve().parent
 SECRET = "hf_sandboxtestsecret0123456789"
@@ -268,7 +269,8 @@ def run(request, tmp_path_factory):
     world["driver_placeholder"] = "DRIVER_PID"
     env = {"PATH": "/usr/bin:/bin", "HOME": world["home"], "HF_TOKEN": SECRET, "LANG": "C.UTF-8"}
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    driver = subprocess.Popen([interpreter, "-c", DRIVER, str(REPO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    driver = subprocess.Popen([interpreter, "-c", DRIVER, str(REPO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env,
                               cwd=world["root"], text=True, **user)
     out, err = driver.communicate(json.dumps({"mode": mode, "attacks": attacks(world)}), timeout=240)
     time.sleep(2.0)  # the survivor attack's grandchild writes 1.5 s after its sample ended
@@ -410,11 +412,11 @@ def test_value_codec_round_trips_exact_types():
     values = [None, True, 3, -2**100, 1.5, float("inf"), -0.0, 1 + 2j, "h\udc80é", b"x", [1, (2, 3)],
               {1: "a", (1, 2): [None]}, {1, 2}, frozenset([3])]
     for value in values:
-        back = sandbox._decode(bytes(sandbox._pack(value, bytearray())))
+        back = sandbox_launcher.decode(bytes(sandbox_launcher.pack(value, bytearray())))
         assert back == value and type(back) is type(value)
     for bad in (b"i5:12", b"l9999:", b"x1:a", b"s1:ab"):
         with pytest.raises((ValueError, KeyError, IndexError)):
-            sandbox._decode(bad)
+            sandbox_launcher.decode(bad)
 
 
 def test_refuses_without_isolation(monkeypatch):
