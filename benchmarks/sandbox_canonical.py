@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ def load_revision(revision: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules["sandbox_baseline"] = module
     spec.loader.exec_module(module)
+    shutil.rmtree(path.parent)  # loaded: the old sandbox never reads its own file
     return module
 
 
