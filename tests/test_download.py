@@ -275,16 +275,22 @@ def test_list_offline_uses_marked_registry_sizes_and_online_uses_the_hub(hub, di
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     rc, out, _ = run_main(["--list"], dirs, capsys)
     assert rc == 0
-    for name in common.SEED_MODELS:
-        assert name in out
-    assert common.human_bytes(common.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in out
-    assert "registry, not verified online" in out and "not reachable" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(common.REGISTRY) <= set(rows)  # every registry model, each with its role
+    assert "seed; draft for llama-3.1-8b" in rows["llama-3.2-1b"]
+    assert "speculative target of pythia-1b" in rows["pythia-6.9b"]
+    assert "embedded default" in rows["smollm2-135m"] and "fetched offline on first use" in rows["smollm2-135m"]
+    assert "Qwen pair: draft for qwen-coder-1.5b" in rows["qwen-coder-0.5b"]
+    assert "Qwen pair: target of qwen-coder-0.5b" in rows["qwen-coder-1.5b"]
+    assert common.human_bytes(common.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in rows["stablelm-2-1.6b"]
+    assert "| registry " in rows["stablelm-2-1.6b"] and "not verified online (the hub at" in out
+    assert "not reachable" in out
     assert not dirs[0].exists()  # --list downloads nothing
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     rc, out, _ = run_main(["--list", "--models", "org/tiny,gated-org/locked"], dirs, capsys)
     weights = len(hub.repos["org/tiny"]["files"]["model.safetensors"])
     assert rc == 0 and f"hub @ {COMMIT[:10]}" in out and common.human_bytes(weights) in out
-    assert "yes (manual)" in out and "not verified online" not in out
+    assert "yes (manual)" in out and "not reachable" not in out and "| registry" not in out
     assert not [r for r in hub.requests if r["method"] == "GET"]
 
 
@@ -433,11 +439,12 @@ def test_clear_one_line_errors(hub, dirs, capsys, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     rc, _, err = run_main(["--models", "org/tiny"], (blocker / "models", dirs[1]), capsys)
-    assert rc == 2 and "Cannot write to" in err
+    assert rc == 2 and "models folder" in err and "cannot be written" in err
     with monkeypatch.context() as patch:
-        patch.setattr(download_models.shutil, "disk_usage", lambda _: SimpleNamespace(free=1000))
+        # room for the writable-folder probe (1 MiB) but not for the ~9 MB model
+        patch.setattr(download_models.shutil, "disk_usage", lambda _: SimpleNamespace(free=2 * MiB))
         rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
-    assert rc == 2 and "only 1000 B is free" in err
+    assert rc == 2 and "only 2.0 MiB is free" in err
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
     assert rc == 2 and "Cannot reach the Hugging Face Hub" in err
