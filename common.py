@@ -737,7 +737,7 @@ def record_error(record) -> str | None:
     """The first way a record breaks RECORD_SCHEMA, as '$.path: problem', or None when it is sound."""
     if not isinstance(record, dict):
         return f"$: expected an object, got {type(record).__name__}"
-    if record.get("kind") not in RECORD_SCHEMA:
+    if not isinstance(record.get("kind"), str) or record["kind"] not in RECORD_SCHEMA:
         return f"$.kind: unknown kind {record.get('kind')!r}"
     if error := _schema_error(record, {**_ENVELOPE, **RECORD_SCHEMA[record["kind"]]}, "$"):
         return error

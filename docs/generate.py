@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -123,8 +124,12 @@ def is_num(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def as_list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
 def nums(values) -> list:
-    return [v for v in values if is_num(v)] if isinstance(values, list) else []
+    return [v for v in as_list(values) if is_num(v)]
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -159,7 +164,8 @@ def precision(block: dict) -> str:
     quant = str(block.get("quantization") or "none")
     if quant != "none":
         return {"4bit": "4-bit", "8bit": "8-bit", "int8-dynamic": "int8"}.get(quant, quant)
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(block.get("dtype"), str(block.get("dtype")))
+    dtype = str(block.get("dtype"))
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
 
 
 def label(r: Record) -> str:
@@ -259,6 +265,15 @@ def sign_test_p(wins: int, n: int) -> float:
 def mmlu_counts(r: Record):
     micro = obj(dig(r.data, "mmlu", "micro"))
     return (micro["n_correct"], micro["n"]) if micro.get("n") else None
+
+
+def tune_counts(r: Record):
+    """(exact, n) on the held-out set after fine-tuning, or None."""
+    block = r.data["after"]
+    n, exact = block.get("n"), block.get("n_exact")
+    if not isinstance(n, int) or n <= 0 or not is_num(block["metric"]) or not 0 <= block["metric"] <= 1:
+        return None
+    return (exact if isinstance(exact, int) and 0 <= exact <= n else round(block["metric"] * n)), n
 
 
 def humaneval_counts(r: Record):
@@ -370,7 +385,7 @@ def fit_rows(bench: list[Record], budgets: dict, gpu: bool) -> tuple[list, int |
 def ours_method(data: dict) -> str:
     named = data.get("ours_method")
     pool = obj(data.get("ratios")) or obj(data.get("methods"))
-    return named if named in pool else next((m for m in ("ours_adaptive", "ours") if m in pool), "ours")
+    return named if isinstance(named, str) and named in pool else next((m for m in ("ours_adaptive", "ours") if m in pool), "ours")
 
 
 def speedups(data: dict) -> dict:
@@ -413,7 +428,8 @@ def headline(r: Record) -> dict:
             "speedup": stored if is_num(stored) else geomean(by_prompt), "assisted": geomean(assisted),
             "vs_assisted": vs_assisted, "n_prompts": len(by_prompt),
             "n_rounds": dig(data, "config", "repeats") or data.get("repeats"), "lossless": lossless_words(data),
-            "prompt_kinds": [str(obj(p).get("kind", i + 1)) for i, p in enumerate(data.get("prompts") or [])]}
+            "prompt_kinds": [str(obj(p).get("kind", i + 1)) for i, p in enumerate(as_list(data.get("prompts")))],
+            "low": min(by_prompt, default=None), "high": max(by_prompt, default=None)}
 
 
 def draft_comparisons(heads: list[dict]) -> list[dict]:
@@ -469,21 +485,21 @@ def recommendations(bench: list[Record], tunes: list[Record], heads: list[dict])
     rows = [quality_row("General chat", [r for r in bench if chat(r.data["model"]["name"])], mmlu_counts, mmlu_text,
                         published_best("MMLU", measured, chat)),
             quality_row("Code", bench, humaneval_counts, humaneval_text, published_best("HumanEval", measured))]
-    tuned = [r for r in tunes if is_num(r.data["after"]["metric"]) and isinstance(r.data["after"].get("n"), int)]
-    after = lambda r: (r.data["after"].get("n_exact") or round(r.data["after"]["metric"] * r.data["after"]["n"]),  # noqa
-                       r.data["after"]["n"])
+    tuned = [r for r in tunes if tune_counts(r)]
+    after = tune_counts
     tune_text = lambda r: (f"held-out {r.data['after']['metric_name']} {pct(r.data['before']['metric'], 0)} → "  # noqa
                            f"{pct(r.data['after']['metric'], 0)} after LoRA ({after(r)[0]}/{after(r)[1]})")
     rows.append(quality_row("A base for fine-tuning", tuned, after, tune_text, None))
-    greedy = [h for h in heads if h["mode"] == "greedy" and h["dtype"] in ("bf16", "fp16") and is_num(h["speedup"])]
+    greedy = [h for h in heads if h["mode"] == "greedy" and h["dtype"] in ("bf16", "fp16") and is_num(h["speedup"])
+              and h["by_prompt"]]
     best = {}
     for h in sorted(greedy, key=lambda h: (h["speedup"], h["record"].rid)):
         best[h["draft"]] = h
     drafts = sorted(best.values(), key=lambda h: (-h["speedup"], h["draft"]))
     rows.append({"use": "A speculative draft", "records": [h["record"] for h in drafts[:1]],
                  "picks": [f"{h['draft']} ({h['draft_precision']}) for {h['target']}" for h in drafts[:1]],
-                 "number": "; ".join(f"{fmt(h['speedup'], 2)}× the target alone ({fmt(min(h['by_prompt']), 2)}–"
-                                     f"{fmt(max(h['by_prompt']), 2)}× over {h['n_prompts']} prompts) "
+                 "number": "; ".join(f"{fmt(h['speedup'], 2)}× the target alone ({fmt(h['low'], 2)}–"
+                                     f"{fmt(h['high'], 2)}× over {h['n_prompts']} prompts) "
                                      f"[{h['record'].rid}]" for h in drafts[:1]), "alternative": None})
     licence = lambda r: f"{spec_of(r.data['model']['name']).license}; {mmlu_text(r)}"  # noqa: E731
     rows.append(quality_row("Commercial use (licence)", [r for r in bench if permissive(r.data["model"]["name"])],
@@ -590,7 +606,7 @@ def figure_data(bench: list[Record], heads: list[dict], tunes: list[Record]) -> 
               and isinstance(h["record"].data.get("break_even"), list)]
     if accept:
         data["acceptance"] = {"panels": [
-            {"title": f"{h['dtype']}, {h['mode']} [{h['record'].rid}]", "k": h["record"].data.get("k"),
+            {"title": f"{h['dtype']}, {h['mode']} [{h['record'].rid}]", "k": h["record"].data.get("k") if is_num(h["record"].data.get("k")) else None,
              "break_even": [[b.get("k"), b.get("break_even_alpha")] for b in map(obj, h["record"].data["break_even"])
                             if is_num(b.get("k")) and is_num(b.get("break_even_alpha"))],
              "alpha": [[f"p{i + 1} {k}", a] for i, (k, a) in enumerate(zip(h["prompt_kinds"], dig(
@@ -680,7 +696,7 @@ def draw_finetune(plt, data):
     for i, run in enumerate(data["runs"]):
         loss.plot(range(1, len(run["loss"]) + 1), run["loss"], color=f"C{i}", label=f"{run['label']} [{run['rid']}]")
         for j, (x, n) in enumerate(run["counts"]):
-            if isinstance(x, int) and n:
+            if isinstance(x, int) and isinstance(n, int) and 0 <= x <= n > 0:
                 low, high = wilson(x, n)
                 bars.bar(i * 3 + j, x / n * 100, yerr=[[max(0, x / n - low) * 100], [max(0, high - x / n) * 100]], capsize=3,
                          color=f"C{i}", alpha=0.45 if j == 0 else 1.0)
@@ -819,6 +835,16 @@ def provenance_rows(records: list[Record]) -> list:
     return rows
 
 
+@functools.cache
+def template():
+    import jinja2
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), trim_blocks=True,
+                                     lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+                                     extensions=["jinja2.ext.do"])
+    environment.filters.update(fmt=fmt, pct=pct, gib=gib, cell=cell, p_text=p_text)
+    return environment.get_template(TEMPLATE.name)
+
+
 def build_page(results_dir: Path) -> tuple[str, dict, list[str]]:
     """(markdown, {figure name: data}, warnings) from results_dir alone."""
     records, skipped, other = load_results(results_dir)
@@ -845,12 +871,7 @@ def build_page(results_dir: Path) -> tuple[str, dict, list[str]]:
         "size_ratio": spec_of("llama-3.1-8b").n_params / spec_of("llama-3.2-1b").n_params,
         "fit_1b": fit("llama-3.2-1b", 8 * common.GIB, None), "fit_8b": fit("llama-3.1-8b", 8 * common.GIB, None),
     }
-    import jinja2
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), trim_blocks=True,
-                                     lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
-                                     extensions=["jinja2.ext.do"])
-    environment.filters.update(fmt=fmt, pct=pct, gib=gib, cell=cell, p_text=p_text)
-    text = environment.get_template(TEMPLATE.name).render(**context)
+    text = template().render(**context)
     text = re.sub(r"\n{3,}", "\n\n", text).rstrip("\n") + "\n"
     return text, figures, [f"warning: skipped {name}: {reason}" for name, reason in skipped]
 
