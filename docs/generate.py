@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR))
+sys.path[:0] = [str(REPO_DIR), str(Path(__file__).resolve().parent)]
 import common  # noqa: E402  (the repository root is not a package)
 
 TEMPLATE = Path(__file__).with_name("COMPARISON.md.j2")
@@ -43,26 +42,12 @@ RAM_BUDGETS = {"8 GB laptop": 6, "16 GB laptop": 14}
 VRAM_BUDGETS = {"4 GB GPU": 4, "8 GB GPU": 8}
 PERMISSIVE = ("apache-2.0", "mit")  # licences that allow commercial use without conditions
 PRECISIONS = (("bf16", "none"), ("8-bit", "8bit"), ("4-bit", "4bit"))  # tried in this order by the fit tables
+FIGURES = ("quality", "speculative", "acceptance", "finetune")  # drawn by docs/plots.py
 METHOD_ORDER = ("target_generate", "assisted", "ours", "ours_adaptive")  # target_only is the 1.0x line
 
-# Only numbers read in the linked source; "checkpoint" is what the source evaluated, which is not always
-# the checkpoint this project runs (the page says so).
-LLAMA32 = ("Llama 3.2 model card", "https://github.com/meta-llama/llama-models/blob/main/models/llama3_2/MODEL_CARD.md")
-TINYLLAMA = ("TinyLlama EVAL.md", "https://github.com/jzhang38/TinyLlama/blob/main/EVAL.md")
-PUBLISHED = [  # (model, checkpoint evaluated, benchmark, shots, metric, harness, value %, source)
-    ("llama-3.2-1b", "Llama-3.2-1B-Instruct (bf16)", "MMLU", "5", "macro_avg/acc", "Meta internal evals", 49.3, LLAMA32),
-    ("llama-3.2-1b", "Llama-3.2-1B base", "MMLU", "5", "macro_avg/acc_char", "Meta internal evals", 32.2, LLAMA32),
-    ("llama-3.2-1b", "Llama-3.2-1B-Instruct, vanilla 4-bit PTQ", "MMLU", "5", "macro_avg/acc", "Meta internal evals",
-     43.3, LLAMA32),
-    ("llama-3.1-8b", "Llama-3.1-8B-Instruct", "MMLU", "5", "macro_avg/acc", "Meta internal evals", 69.4, LLAMA32),
-    ("tinyllama-1.1b", "TinyLlama-1.1B step-1195k (base)", "MMLU", "not stated", "acc", "Instruct-Eval", 25.92,
-     TINYLLAMA),
-    ("tinyllama-1.1b", "TinyLlama-1.1B step-1195k (base)", "HumanEval", "0", "pass@1", "Instruct-Eval", 9.15, TINYLLAMA),
-    ("pythia-1b", "Pythia-1.0B (base)", "MMLU", "not stated", "acc", "Instruct-Eval", 25.70, TINYLLAMA),
-    ("pythia-1b", "Pythia-1.0B (base)", "HumanEval", "0", "pass@1", "Instruct-Eval", 1.83, TINYLLAMA),
-]
-PUBLISHED = [dict(zip(("model", "checkpoint", "benchmark", "shots", "metric", "harness", "value", "source"), p))
-             for p in PUBLISHED]
+# Published figures, each with its source: only numbers read in the linked page. "checkpoint" is what the
+# source evaluated, which is not always the checkpoint this project runs (the page says so).
+PUBLISHED = json.loads(Path(__file__).with_name("published.json").read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -248,14 +233,6 @@ def chance_p(x: int, n: int, p0: float = MMLU_CHANCE) -> float:
     return math.erfc(abs(x / n - p0) / math.sqrt(p0 * (1 - p0) / n) / math.sqrt(2)) if n > 0 else 1.0
 
 
-def wilson(x: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    if n <= 0:
-        return 0.0, 1.0
-    p, denominator = x / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denominator, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def sign_test_p(wins: int, n: int) -> float:
     """Two-sided exact sign test: could `wins` of `n` paired comparisons be a coin's doing?"""
     tail = sum(math.comb(n, k) for k in range(max(wins, n - wins), n + 1)) / 2**n
@@ -306,11 +283,11 @@ def best_by_counts(candidates: list, counts) -> list:
 
 
 # --------------------------------------------------------------------------------------------------- memory
-def kv_bytes(name: str, tokens: int, bytes_each: int = 2) -> int:
+def kv_bytes(name: str, tokens: int) -> int:
+    """bf16 KV cache for a registry model, through the loader's own arithmetic (common.kv_cache_bytes)."""
     layers, kv_heads, head_dim, _ = common.KV_SHAPES[name]
-    config = SimpleNamespace(num_hidden_layers=layers, num_attention_heads=kv_heads, num_key_value_heads=kv_heads,
-                             head_dim=head_dim, hidden_size=kv_heads * head_dim)
-    return common.kv_cache_bytes(config, tokens, "bfloat16" if bytes_each == 2 else "float32")
+    return common.kv_cache_bytes(SimpleNamespace(num_hidden_layers=layers, num_attention_heads=kv_heads,
+                                                 num_key_value_heads=kv_heads, head_dim=head_dim), tokens, "bfloat16")
 
 
 def measured_peak(r: Record, *, device_view: bool = False):
@@ -492,10 +469,7 @@ def recommendations(bench: list[Record], tunes: list[Record], heads: list[dict])
     rows.append(quality_row("A base for fine-tuning", tuned, after, tune_text, None))
     greedy = [h for h in heads if h["mode"] == "greedy" and h["dtype"] in ("bf16", "fp16") and is_num(h["speedup"])
               and h["by_prompt"]]
-    best = {}
-    for h in sorted(greedy, key=lambda h: (h["speedup"], h["record"].rid)):
-        best[h["draft"]] = h
-    drafts = sorted(best.values(), key=lambda h: (-h["speedup"], h["draft"]))
+    drafts = sorted(greedy, key=lambda h: (-h["speedup"], h["record"].rid))
     rows.append({"use": "A speculative draft", "records": [h["record"] for h in drafts[:1]],
                  "picks": [f"{h['draft']} ({h['draft_precision']}) for {h['target']}" for h in drafts[:1]],
                  "number": "; ".join(f"{fmt(h['speedup'], 2)}× the target alone ({fmt(h['low'], 2)}–"
@@ -504,13 +478,12 @@ def recommendations(bench: list[Record], tunes: list[Record], heads: list[dict])
     licence = lambda r: f"{spec_of(r.data['model']['name']).license}; {mmlu_text(r)}"  # noqa: E731
     rows.append(quality_row("Commercial use (licence)", [r for r in bench if permissive(r.data["model"]["name"])],
                             mmlu_counts, mmlu_text, published_best("MMLU", measured, permissive), extra=licence))
-    for use, budget in RAM_BUDGETS.items():
-        if use.startswith("8"):
-            fits = [r for r in bench if not on_gpu(r) and is_num(measured_peak(r)) and measured_peak(r) <= budget * common.GIB]
-            alt = published_best("MMLU", measured, lambda n: n in common.KV_SHAPES and
-                                 fit(n, budget * common.GIB, cpu_overhead)["precision"] == "bf16")
-            rows.append(quality_row(f"CPU-only laptop, {use.split(' laptop')[0]} RAM", fits, mmlu_counts, mmlu_text, alt,
-                                    extra=lambda r: f"peak RAM {gib(measured_peak(r))}; {mmlu_text(r)}"))
+    budget = RAM_BUDGETS["8 GB laptop"] * common.GIB
+    fits = [r for r in bench if not on_gpu(r) and is_num(measured_peak(r)) and measured_peak(r) <= budget]
+    alt = published_best("MMLU", measured, lambda n: n in common.KV_SHAPES and
+                         fit(n, budget, cpu_overhead)["precision"] == "bf16")
+    rows.append(quality_row("CPU-only laptop, 8 GB RAM", fits, mmlu_counts, mmlu_text, alt,
+                            extra=lambda r: f"peak RAM {gib(measured_peak(r))}; {mmlu_text(r)}"))
     for use, budget in VRAM_BUDGETS.items():
         fits = [r for r in bench if on_gpu(r) and is_num(measured_peak(r, device_view=True))
                 and measured_peak(r, device_view=True) <= budget * common.GIB]
@@ -541,10 +514,10 @@ def oddities(bench: list[Record]) -> list[dict]:
             facts = {"quantized": label(q), "plain": label(p), "machine": machine(q), "rids": f"{q.rid}, {p.rid}",
                      "model": q.data["model"]["name"], "gpu": on_gpu(q)}
             if is_num(measured_peak(q)) and is_num(measured_peak(p)) and measured_peak(q) > measured_peak(p):
-                before = {dig(r.data, "memory", "rss_before_load_bytes") for r in (q, p)}
+                before = [dig(r.data, "memory", "rss_before_load_bytes") for r in (q, p)]
+                same_start = all(is_num(b) for b in before) and abs(before[0] - before[1]) < 2**24  # within 16 MiB
                 out.append({"kind": "more_memory", **facts, "q": gib(measured_peak(q)), "p": gib(measured_peak(p)),
-                            "before": gib(max(before)) if len(before) == 1 or max(before) - min(before) < 2**24
-                            and all(is_num(b) for b in before) else None})
+                            "before": gib(max(before)) if same_start else None})
             dq, dp = (dig(r.data, "speed", "decode", "tok_per_sec_mean") for r in (q, p))
             if not on_gpu(q) and is_num(dq) and is_num(dp) and dq > dp * 1.05:
                 out.append({"kind": "faster_decode", **facts, "q": fmt(dq), "p": fmt(dp)})
@@ -554,6 +527,8 @@ def oddities(bench: list[Record]) -> list[dict]:
         if spec_of(name) and is_num(loaded) and abs(loaded / spec_of(name).n_params - 1) > 0.05 and name not in seen:
             seen.add(name)
             out.append({"kind": "params", "model": name, "rids": r.rid, "loaded": f"{loaded / 1e6:,.0f}M",
+                        "converted": bool(spec_of(name).gguf_sha256) and r.data["model"].get("revision") ==
+                        spec_of(name).gguf_sha256,
                         "registry": f"{spec_of(name).n_params / 1e6:,.0f}M",
                         "difference": f"{(loaded - spec_of(name).n_params) / 1e6:,.0f}M"})
     return out
@@ -600,7 +575,8 @@ def figure_data(bench: list[Record], heads: list[dict], tunes: list[Record]) -> 
         data["speculative"] = {"panels": [
             {"title": f"{h['draft']} ({h['draft_precision']}) → {h['target']}, {h['dtype']}, {h['mode']} "
                       f"[{h['record'].rid}]", "prompts": [f"p{i + 1} {k}" for i, k in enumerate(h["prompt_kinds"])],
-             "methods": {m: v for m, v in sorted(speedups(h["record"].data).items(), key=lambda p: method_rank(p[0]))}}
+             "methods": {m: v for m, v in sorted(speedups(h["record"].data).items(), key=lambda p: (p[0] not in METHOD_ORDER,
+                                                                                 METHOD_ORDER.index(p[0]) if p[0] in METHOD_ORDER else 0, p[0]))}}
             for h in heads]}
     accept = [h for h in heads if nums(dig(h["record"].data, "methods", "ours", "alpha_by_prompt"))
               and isinstance(h["record"].data.get("break_even"), list)]
@@ -619,120 +595,8 @@ def figure_data(bench: list[Record], heads: list[dict], tunes: list[Record]) -> 
     return {name: rounded(value) for name, value in data.items()}
 
 
-def method_rank(name: str) -> tuple:
-    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
-
-
-def draw_quality(plt, data):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    markers = {m: "osD^v"[i % 5] for i, m in enumerate(sorted({p["machine"] for p in data["points"]}))}
-    for ax, key, xlabel, on in ((axes[0], "memory_gib", "peak memory of the run (GiB; RSS on CPU, VRAM on GPU)",
-                                 set(data["frontier_memory"])),
-                                (axes[1], "decode_tok_per_sec", "decode speed (tok/s; compare within one machine)",
-                                 {rid for rids in data["frontier_speed"].values() for rid in rids})):
-        shown = [p for p in data["points"] if p[key]]
-        for p in shown:
-            error = [[p["mmlu"] - p["low"]], [p["high"] - p["mmlu"]]] if p["low"] is not None else None
-            ax.errorbar(p[key], p["mmlu"] * 100, yerr=None if error is None else [[e[0] * 100] for e in error],
-                        fmt=markers[p["machine"]], capsize=3, color="0.6" if p["at_chance"] else "C0",
-                        mfc="white" if p["at_chance"] else "C0")
-            right = p[key] > (min(q[key] for q in shown) + max(q[key] for q in shown)) / 2  # label inward: never clipped
-            ax.annotate(f"{p['label']} [{p['rid']}]" + (" (at chance)" if p["at_chance"] else ""),
-                        (p[key], p["mmlu"] * 100), textcoords="offset points", xytext=(-6 if right else 6, 4),
-                        ha="right" if right else "left", fontsize=8)
-        ax.axhline(data["chance"] * 100, color="C3", linestyle="--", linewidth=1, label="chance (25%)")
-        best = sorted((p[key], p["mmlu"] * 100) for p in shown if p["rid"] in on)
-        if best:
-            ax.plot(*zip(*best), color="C2", linewidth=1.5, marker="o", markersize=13, mfc="none",
-                    label="on the frontier (noise-aware)")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("MMLU micro accuracy, % (95% interval)")
-        ax.margins(x=0.35, y=0.15)
-        ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle("Quality against memory and against decode speed")
-    return fig
-
-
-def draw_speculative(plt, data):
-    panels = data["panels"]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels):
-        methods = list(panel["methods"])
-        width = 0.8 / max(1, len(methods))
-        for i, method in enumerate(methods):
-            values = panel["methods"][method]
-            ax.bar([x + i * width for x in range(len(values))], values, width, label=method, color=f"C{i}")
-        ax.axhline(1.0, color="black", linewidth=1, label="1.0× = target alone")
-        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(panel["prompts"]))], panel["prompts"])
-        ax.set_ylabel("speed-up ×")
-        ax.set_title(panel["title"], fontsize=9)
-        ax.legend(fontsize=7, ncol=3, loc="upper right")
-        ax.set_ylim(0, max([1.2] + [v * 1.25 for vs in panel["methods"].values() for v in vs]))
-    fig.tight_layout()
-    return fig
-
-
-def draw_acceptance(plt, data):
-    panels = data["panels"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        ks, needed = zip(*panel["break_even"]) if panel["break_even"] else ((), ())
-        ax.plot(ks, needed, color="black", label="break-even acceptance α")
-        for i, (name, alpha) in enumerate(panel["alpha"]):
-            ax.axhline(alpha, color=f"C{i}", linestyle=":", label=f"measured α, {name}")
-        if panel["k"]:
-            ax.axvline(panel["k"], color="0.7", linewidth=1, label=f"k used = {panel['k']}")
-        ax.set_xlabel("draft tokens per step k")
-        ax.set_ylabel("acceptance α")
-        ax.set_ylim(0, 1)
-        ax.set_title(panel["title"], fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def draw_finetune(plt, data):
-    fig, (loss, bars) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for i, run in enumerate(data["runs"]):
-        loss.plot(range(1, len(run["loss"]) + 1), run["loss"], color=f"C{i}", label=f"{run['label']} [{run['rid']}]")
-        for j, (x, n) in enumerate(run["counts"]):
-            if isinstance(x, int) and isinstance(n, int) and 0 <= x <= n > 0:
-                low, high = wilson(x, n)
-                bars.bar(i * 3 + j, x / n * 100, yerr=[[max(0, x / n - low) * 100], [max(0, high - x / n) * 100]], capsize=3,
-                         color=f"C{i}", alpha=0.45 if j == 0 else 1.0)
-    loss.set_yscale("log")
-    loss.set_xlabel("training step")
-    loss.set_ylabel("training loss (log scale)")
-    loss.legend(fontsize=8)
-    bars.set_xticks([i * 3 + j for i in range(len(data["runs"])) for j in (0, 1)],
-                    [f"{run['rid']} {when}" for run in data["runs"] for when in ("before", "after")], fontsize=8)
-    bars.set_ylabel("held-out exact match, % (95% interval)")
-    bars.set_ylim(0, 105)
-    fig.suptitle("Fine-tuning: loss per step, and held-out exact match before and after LoRA")
-    fig.tight_layout()
-    return fig
-
-
-DRAWERS = {"quality": draw_quality, "speculative": draw_speculative, "acceptance": draw_acceptance,
-           "finetune": draw_finetune}
-
-
 def digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def render_svg(name: str, data) -> str:
-    """One figure as SVG: Agg backend, text kept as text, fixed hash salt and no date, so reruns match."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with plt.rc_context({"svg.hashsalt": "billion-llm", "svg.fonttype": "none", "font.size": 9}):
-        fig = DRAWERS[name](plt, data)
-        buffer = io.StringIO()
-        fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None,
-                                                    "Description": f"billion-llm figure data {digest(data)}"})
-        plt.close(fig)
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------- page
@@ -810,38 +674,14 @@ def model_rows(bench: list[Record], specs: list[Record]) -> tuple[list, list]:
     return seeds, others
 
 
-def tune_rows(tunes: list[Record]) -> list:
-    rows = []
-    for r in tunes:
-        before, after, train = r.data["before"], r.data["after"], r.data["train"]
-        rows.append([label(r), dig(r.data, "task", "name") or "-", after.get("metric_name"),
-                     f"{pct(before['metric'], 0)} → {pct(after['metric'], 0)} ({after.get('n_exact')}/{after.get('n')})",
-                     f"{fmt(before.get('field_f1'), 3)} → {fmt(after.get('field_f1'), 3)}",
-                     f"{fmt(before.get('heldout_loss'), 3)} → {fmt(after.get('heldout_loss'), 3)}",
-                     fmt(train.get("train_sec"), 0), train.get("n_steps"), gib(train.get("peak_rss_bytes")),
-                     fmt(dig(r.data, "baseline", "ratio_time"), 2), machine(r), r.rid])
-    return rows
-
-
-def provenance_rows(records: list[Record]) -> list:
-    rows = []
-    for r in records:
-        data, versions = r.data, obj(dig(r.data, "environment", "versions"))
-        what = label(r) if "model" in data else \
-            f"{data['draft']['name']} ({precision(data['draft'])}) → {data['target']['name']}"
-        rows.append([r.rid, f"`{r.file}`", data["kind"], what, machine(r), versions.get("torch"),
-                     versions.get("transformers"), dig(data, "environment", "git_commit"), data["created_at"],
-                     data["status"]])
-    return rows
-
-
 @functools.cache
 def template():
     import jinja2
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), trim_blocks=True,
                                      lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
                                      extensions=["jinja2.ext.do"])
-    environment.filters.update(fmt=fmt, pct=pct, gib=gib, cell=cell, p_text=p_text)
+    environment.filters.update(fmt=fmt, pct=pct, gib=gib, cell=cell, p_text=p_text, label=label, machine=machine,
+                               precision=precision, dig=dig)
     return environment.get_template(TEMPLATE.name)
 
 
@@ -864,7 +704,7 @@ def build_page(results_dir: Path) -> tuple[str, dict, list[str]]:
         "ram": fit_rows(bench, RAM_BUDGETS, gpu=False), "vram": fit_rows(bench, VRAM_BUDGETS, gpu=True),
         "ram_budgets": RAM_BUDGETS, "vram_budgets": VRAM_BUDGETS, "min_context": MIN_CONTEXT_TOKENS,
         "seeds": seeds, "other_models": others, "heads": heads, "comparisons": draft_comparisons(heads),
-        "tunes": tune_rows(tunes), "oddities": oddities(bench), "provenance": provenance_rows(records),
+        "tunes": tunes, "oddities": oddities(bench), "records": records,
         "superseded": [[old.rid, f"`{old.file}`", old.data["created_at"], new.rid] for old, new in superseded],
         "published_8b": next(p for p in PUBLISHED if p["model"] == "llama-3.1-8b"),
         "published_1b": next(p for p in PUBLISHED if p["model"] == "llama-3.2-1b"),
@@ -899,13 +739,19 @@ def stale(output: Path, text: str, figures: dict) -> list[str]:
     return found
 
 
+def plots_module():
+    """docs/plots.py, imported only to draw (it imports matplotlib)."""
+    import plots
+    return plots
+
+
 def write_outputs(output: Path, text: str, figures: dict) -> None:
     folder = output.parent / "figures"
     try:
-        for name in DRAWERS:
+        for name in FIGURES:
             path = folder / f"{name}.svg"
             if name in figures:
-                common.write_text_atomic(path, render_svg(name, figures[name]))
+                common.write_text_atomic(path, plots_module().render_svg(name, figures[name], digest(figures[name])))
             elif path.exists():
                 path.unlink()  # a figure whose records are gone would otherwise stay referenced by nothing
         common.write_text_atomic(output, text)
