@@ -120,6 +120,15 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
 ]}
 SEED_MODELS = [s.name for s in REGISTRY.values() if s.role == "seed"]
 DEFAULT_MODEL = "smollm2-135m"
+# Attention shapes from each model's config.json on the hub, so KV-cache arithmetic (docs/generate.py's fit
+# tables) needs no download: (layers, key/value heads, head size, maximum context tokens). Head size is
+# hidden_size / num_attention_heads where a config has no head_dim; no num_key_value_heads means one per head.
+KV_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "smollm2-135m": (30, 3, 64, 8192), "qwen-coder-0.5b": (24, 2, 64, 32768), "pythia-1b": (16, 8, 256, 2048),
+    "tinyllama-1.1b": (22, 4, 64, 2048), "llama-3.2-1b": (16, 8, 64, 131072),
+    "qwen-coder-1.5b": (28, 2, 128, 32768), "stablelm-2-1.6b": (24, 32, 64, 4096),
+    "llama-3.1-8b": (32, 8, 128, 131072),
+}
 
 
 def role_text(spec: ModelSpec) -> str:
@@ -991,8 +1000,80 @@ def result_record(kind: str, config: dict, environment_block: dict, **fields) ->
             **fields}
 
 
+# What each kind of record must hold. docs/generate.py reads records through this same schema, and
+# write_result checks it first, so a writer cannot emit a record the comparison page would skip. A key ending
+# in "?" must be present but may be null; "*" stands for every key (subject names, method names); NUMBER is an
+# int or a float, never a bool (Python counts True as 1).
+NUMBER = (int, float)
+_ENVELOPE = {"schema_version": int, "kind": str, "created_at": str, "status": str, "config": dict,
+             "environment": dict}
+_MODEL = {"name": str, "quantization": str, "dtype": str}
+_COUNT = {"n": int, "n_correct": int, "accuracy?": NUMBER}
+_HELDOUT = {"metric_name": str, "metric?": NUMBER}
+RECORD_SCHEMA = {
+    "benchmark": {"model": _MODEL, "mmlu?": {"micro": _COUNT, "categories": {"*": _COUNT}},
+                  "humaneval?": {"n_problems": int, "pass_at_1?": NUMBER},
+                  "speed?": {"prefill": {"tok_per_sec_mean?": NUMBER}, "decode": {"tok_per_sec_mean?": NUMBER}},
+                  "memory?": dict},
+    "finetune": {"model": _MODEL, "train": dict, "before": _HELDOUT, "after": _HELDOUT},
+    # speculative_demo.py; records from after the benchmark merge also carry `ratios` (per method:
+    # vs_target, vs_target_by_prompt, vs_assisted, vs_assisted_by_prompt) and `ours_method`.
+    "speculative": {"draft": {"name": str}, "target": {"name": str}, "methods": {"*": dict}},
+    # The retired benchmarks/speculative_vs_assisted.py: committed records stay readable.
+    "speculative_benchmark": {"draft": {"name": str}, "target": {"name": str}, "ratios": {"*": dict},
+                              "median_tok_per_sec": {"*": list}, "prompts": list},
+    "download": {}, "chat": {},
+}
+
+
+def _schema_error(value, spec, path: str) -> str | None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"{path}: expected an object, got {type(value).__name__}"
+        if "*" in spec:
+            return next((e for k in sorted(value) if (e := _schema_error(value[k], spec["*"], f"{path}.{k}"))), None)
+        for key, sub in spec.items():
+            name = key.rstrip("?")
+            if name not in value:
+                return f"{path}.{name}: missing"
+            if not (value[name] is None and key.endswith("?")) and (error := _schema_error(value[name], sub,
+                                                                                            f"{path}.{name}")):
+                return error
+        return None
+    if isinstance(value, spec) and not isinstance(value, bool):
+        return None
+    return f"{path}: expected {'a number' if spec is NUMBER else spec.__name__}, got {type(value).__name__}"
+
+
+def record_error(record) -> str | None:
+    """The first way a record breaks RECORD_SCHEMA, as '$.path: problem', or None when it is sound."""
+    if not isinstance(record, dict):
+        return f"$: expected an object, got {type(record).__name__}"
+    if not isinstance(record.get("kind"), str) or record["kind"] not in RECORD_SCHEMA:
+        return f"$.kind: unknown kind {record.get('kind')!r}"
+    if error := _schema_error(record, {**_ENVELOPE, **RECORD_SCHEMA[record["kind"]]}, "$"):
+        return error
+    mmlu = record.get("mmlu") if record["kind"] == "benchmark" else None
+    blocks = [("$.mmlu.micro", mmlu["micro"])] + [(f"$.mmlu.categories.{k}", v) for k, v in
+                                                  sorted(mmlu["categories"].items())] if mmlu else []
+    for path, block in blocks:
+        if not 0 <= block["n_correct"] <= block["n"]:
+            return f"{path}: n_correct {block['n_correct']} is not between 0 and n = {block['n']}"
+    human = record.get("humaneval") if record["kind"] == "benchmark" else None
+    if human and (human["n_problems"] < 0 or not 0 <= (human["pass_at_1"] or 0) <= 1):
+        return "$.humaneval: pass_at_1 must lie in [0, 1] and n_problems must not be negative"
+    return None
+
+
+def validate_record(record: dict) -> None:
+    """Raise ValueError (a bug in the writer, not the user's mistake) for a record the page would skip."""
+    if error := record_error(_finite(record)):
+        raise ValueError(f"refusing to write a results record that breaks the schema: {error}")
+
+
 def write_result(record: dict, results_dir: Path | None = None, name: str | None = None) -> Path:
-    """results/<kind>-<label>-<stamp>.json, atomically. Returns the path."""
+    """results/<kind>-<label>-<stamp>.json, atomically, after validate_record. Returns the path."""
+    validate_record(record)
     results_dir = Path(results_dir or RESULTS_DIR)
     if name is None:
         label = record.get("model", {}).get("name", "run") if isinstance(record.get("model"), dict) else "run"

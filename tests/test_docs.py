@@ -1,9 +1,10 @@
-"""docs/generate.py on fixture results: validation, determinism, traceable numbers, statistics, memory arithmetic.
+"""docs/generate.py on fixture results: the recommendation table, noise handling, machines, seed models, speculative
+headlines, fit tables, figures' data, --check, bad files and bad --output.
 
-Fixture records are written by hand here (the shape common.result_record gives), including broken ones, so
-the generator's reading of every field is pinned without running a model. The whole file takes a few seconds.
+Fixture records are written by hand here (the shape common.result_record gives), including broken ones, so the
+generator's reading of every field is pinned without running a model. The whole file takes about half a minute.
 """
-import importlib.util
+import errno
 import json
 import math
 import os
@@ -17,10 +18,8 @@ import pytest
 import common
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("docs_generate", REPO / "docs" / "generate.py")
-generate = importlib.util.module_from_spec(SPEC)
-sys.modules["docs_generate"] = generate  # dataclasses look their module up here
-SPEC.loader.exec_module(generate)
+sys.path.insert(0, str(REPO / "docs"))
+import generate  # noqa: E402
 
 CPU_ENV = {"python": "3.12.3", "platform": "Linux-6.8-x86_64", "cpu": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz",
            "n_cpu": 2, "torch_threads": 2, "ram_total_bytes": 25769803776, "device": "cpu", "gpu": None,
@@ -116,6 +115,7 @@ def speculative(created="2025-06-03T10:00:00+00:00"):
                 "target_time_share": 1.0, **extra}
     ours = dict(acceptance_rate=0.72, mean_accepted_per_step=2.9, alpha=0.781, draft_time_share=0.31,
                 target_time_share=0.66, k=4)
+    ours["alpha_by_prompt"] = [0.9, 0.55]
     return {"schema_version": 1, "kind": "speculative", "created_at": created, "status": "complete",
             "config": {"k": 4}, "environment": CPU_ENV,
             "draft": {"name": "qwen-coder-0.5b", "dtype": "bfloat16", "quantization": "none"},
@@ -133,6 +133,7 @@ def speculative(created="2025-06-03T10:00:00+00:00"):
                          "expected_speedup": 1.8, "break_even_alpha": 0.22}],
             "adaptive": {"k_start": 4, "k_max": 8, "never_slower_than_target": True},
             "cost": {"cost_ratio": 0.312, "verify_tokens": 5},
+            "break_even": [{"k": 2, "break_even_alpha": 0.35}, {"k": 4, "break_even_alpha": 0.5}],
             "lossless": {"checked": True, "dtype": "bfloat16", "strict": False, "n_prompts": 2,
                          "by_method": {"ours": {"n_runs": 8, "n_identical": 8, "divergences": []},
                                        "assisted": {"n_runs": 4, "n_identical": 3, "divergences": [{}]}},
@@ -162,6 +163,21 @@ def speculative_benchmark(created="2025-06-03T11:00:00+00:00"):
                          "divergences": [{}], "all_explained": True}}
 
 
+
+
+def new_speculative(created="2025-06-04T10:00:00+00:00", quantization="int8-dynamic"):
+    """The shape speculative_demo.py writes after the benchmark merge: a ratios block, no notes, no targets."""
+    record = speculative(created)
+    record["draft"]["quantization"] = quantization
+    record.pop("notes")
+    record["ours_method"] = "ours_adaptive"
+    record["ratios"] = {m: {"vs_target_by_prompt": by, "vs_target": vt, "vs_assisted_by_prompt": [1.0, 1.0],
+                            "vs_assisted": va}
+                        for m, by, vt, va in (("assisted", [1.5, 1.25], 1.37, 1.0),
+                                              ("ours_adaptive", [2.5, 1.5], 1.94, 1.41))}
+    return record
+
+
 def write(folder: Path, name: str, data) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -176,19 +192,23 @@ def good_results(tmp_path):
     write(folder, "benchmark-qwen-0.5b-1.json", benchmark(
         "qwen-coder-0.5b", cats={"abstract_algebra": (11, 20), "world_religions": (13, 20)}, decode=(12.25, 0.5),
         weights=988_097_824, humaneval=(9, 20)))
-    write(folder, "benchmark-qwen-0.5b-4bit-gpu.json", benchmark(
-        "qwen-coder-0.5b", quant="4bit", env=GPU_ENV, decode=(55.5, 2.0), weights=400_000_000,
-        cats={"abstract_algebra": (10, 20), "world_religions": (13, 20)}))
     write(folder, "finetune-smollm2-135m-1.json", finetune())
     write(folder, "speculative-qwen-1.json", speculative())
     write(folder, "speculative-benchmark-qwen-1.json", speculative_benchmark())
     write(folder, "download-smollm2-135m.json", {"schema_version": 1, "kind": "download", "created_at": "x",
-                                                 "status": "complete"})
+                                                 "status": "complete", "config": {}, "environment": {}})
     return folder
 
 
-def run_generator(results: Path, output: Path, *extra) -> int:
+def generate_page(results: Path, output: Path, *extra) -> int:
     return generate.main(["--results-dir", str(results), "--output", str(output), *extra])
+
+
+def page(results: Path, tmp_path: Path) -> str:
+    out = tmp_path / "page" / "COMPARISON.md"
+    out.parent.mkdir(exist_ok=True)
+    assert generate_page(results, out) == 0
+    return out.read_text()
 
 
 def section(text: str, heading: str) -> str:
@@ -198,7 +218,6 @@ def section(text: str, heading: str) -> str:
 
 
 def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every markdown table in text as (headers, rows)."""
     found = []
     for block in re.findall(r"(?:^\|.*\n)+", text, re.M):
         split = [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in block.splitlines()]
@@ -206,62 +225,85 @@ def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return found
 
 
-def first_table(text: str) -> tuple[list[str], list[list[str]]]:
-    return tables(text)[0]
+def recommendation(text: str) -> dict[str, dict[str, str]]:
+    headers, rows = tables(section(text, "## Which model to use"))[0]
+    return {row[0]: dict(zip(headers, row)) for row in rows}
 
 
-def numbers(text: str) -> set[str]:
-    return set(re.findall(r"\d+(?:\.\d+)?", re.sub(r"\[R\d+(?:, R\d+)*\]|\bR\d+\b", "", text)))
+def test_first_screen_answers_each_use_with_its_source(good_results, tmp_path):
+    text = page(good_results, tmp_path)
+    assert text.splitlines().index("## Which model to use") < 12  # within the first screen
+    rows = recommendation(text)
+    assert list(rows) == ["General chat", "Code", "A base for fine-tuning", "A speculative draft",
+                          "Commercial use (licence)", "CPU-only laptop, 8 GB RAM", "4 GB GPU", "8 GB GPU"]
+    chat = rows["General chat"]
+    assert chat["Pick"] == "qwen-coder-0.5b bf16" and "[R1]" in chat["Deciding number"]
+    assert chat["Source"] == "measured here"
+    assert "*published*" in chat["Not measured here yet"] and "llama-3.2-1b" in chat["Not measured here yet"]
+    assert "python benchmark.py --models llama-3.2-1b" in chat["Not measured here yet"]
+    assert rows["Code"]["Pick"] == "qwen-coder-0.5b bf16"  # 9/20 against 3/20: p = 0.03
+    assert rows["A base for fine-tuning"]["Pick"] == "smollm2-135m bf16" and "37/40" in rows["A base for fine-tuning"][
+        "Deciding number"]
+    assert "computed" in rows["8 GB GPU"]["Source"]  # no GPU record: the arithmetic, said so
+    assert rows["Commercial use (licence)"]["Deciding number"].startswith("apache-2.0")
 
 
-def candidate_numbers(records: list[dict]) -> set[str]:
-    """Every numeric leaf of the inputs and of the published table, in each format the generator uses."""
-    leaves = []
-
-    def walk(value):
-        if isinstance(value, dict):
-            [walk(v) for v in value.values()]
-        elif isinstance(value, list):
-            [walk(v) for v in value]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            leaves.append(value)
-    for record in records:
-        walk(record)
-    texts = [str(v) for v in leaves if isinstance(v, int)]
-    for v in leaves:
-        texts += [generate.fmt_num(v, d) for d in range(4)] + [generate.fmt_pct(v), generate.fmt_gib(v)]
-    for p in generate.PUBLISHED:
-        texts += [generate.fmt_num(p["value"], 1), generate.fmt_num(p["value"], 2), p["shots"]]
-    return set().union(*(numbers(t) for t in texts))
+def test_an_entry_indistinguishable_from_chance_is_never_ranked(tmp_path):
+    folder = tmp_path / "results"
+    write(folder, "a.json", benchmark("smollm2-135m", cats={"abstract_algebra": (10, 40)}, quant="4bit",
+                                      weights=100_000_000))  # 25%: exactly chance, and the smallest
+    write(folder, "b.json", benchmark("qwen-coder-0.5b", cats={"abstract_algebra": (12, 40)}))  # 30%: p = 0.46
+    text = page(folder, tmp_path)
+    rows = recommendation(text)
+    for use in ("General chat", "Commercial use (licence)", "CPU-only laptop, 8 GB RAM"):
+        assert rows[use]["Pick"] == "nothing measured qualifies yet", use
+    _, machine_rows = tables(section(text, "## Measured here, by machine"))[0]
+    assert all("indistinguishable from chance" in row[2] for row in machine_rows)
+    _, figures, _ = generate.build_page(folder)
+    assert figures["quality"]["frontier_memory"] == [] and all(p["at_chance"] for p in figures["quality"]["points"])
+    assert not any("**" in c for row in machine_rows for c in row)  # nothing bolded as best
 
 
-def test_generator_builds_every_section_from_fixtures(good_results, tmp_path, capsys):
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    text = out.read_text()
-    assert generate.STAMP in text
-    for heading in ("## Summary", "## Statistics", "## MMLU per category", "## Published figures next to ours",
-                    "## Charts", "## What fits in 8 GB of VRAM", "## Quality and speed per GB",
-                    "## Fine-tuning: before and after", "## Speculative decoding", "## When to use each model",
-                    "## Why ~1B is the sweet spot", "## Provenance"):
-        assert heading in text, heading
-    headers, rows = first_table(section(text, "## Summary"))
-    assert headers[0] == "Model" and len(rows) == 4  # three configs + the chance row
-    smollm = next(r for r in rows if r[0] == "smollm2-135m bf16")
-    assert smollm[2].startswith("37.5% (") and smollm[3] == "40"  # (6 + 9) / 40
-    assert smollm[7] == "40.5 ± 1.2" or smollm[7] == "40.5 ± 1.3"
-    assert rows[-1][0] == "*chance (random guess)*" and rows[-1][2] == "25.0%"
-    gpu_row = next(r for r in rows if "4bit" in r[0])
-    assert gpu_row[1] == "NVIDIA GeForce RTX 3070" and "NVML" in gpu_row[10]
-    assert "1 download" in text and "download-smollm2-135m.json" not in text  # counted, not report material
-    assert text.count("```mermaid") == 5  # quadrant per machine (2), memory, frontier, k sweep
-    assert "## Skipped files" not in text and capsys.readouterr().err == ""
-    assert "/somewhere/" not in text  # no local paths from the records leak into the page
-    benchmark_part = section(text, "### Benchmark: qwen-coder-0.5b (int8-dynamic) → qwen-coder-1.5b")
-    headers, rows = first_table(benchmark_part)
-    assert headers == ["Method", "p1 code tok/s", "p2 prose tok/s", "vs target alone (by prompt)", "vs assisted"]
-    assert rows[-1] == ["ours_adaptive", "20.75", "12.50", "1.72 (2.24, 1.32)", "1.19"]
-    assert "ours (ours_adaptive) / target: 1.72× (target ≥ 1.5: met)" in benchmark_part
+def test_ties_are_named_not_broken(tmp_path):
+    folder = tmp_path / "results"
+    write(folder, "a.json", benchmark("smollm2-135m", cats={"abstract_algebra": (60, 100)}))
+    write(folder, "b.json", benchmark("qwen-coder-0.5b", cats={"abstract_algebra": (64, 100)}))  # p = 0.56
+    pick = recommendation(page(folder, tmp_path))["General chat"]["Pick"]
+    assert "qwen-coder-0.5b bf16" in pick and "smollm2-135m bf16" in pick and "cannot separate" in pick
+
+
+def test_mixed_machines_lead_with_the_newest_and_name_their_records(good_results, tmp_path):
+    gpu = benchmark("qwen-coder-0.5b", quant="4bit", env=GPU_ENV, created="2025-05-01T00:00:00+00:00",
+                    cats={"abstract_algebra": (10, 20), "world_religions": (13, 20)}, weights=400_000_000)
+    write(good_results, "benchmark-gpu.json", gpu)
+    home = {**CPU_ENV, "cpu": "Apple M2", "n_cpu": 8, "ram_total_bytes": 8 * 2**30}
+    write(good_results, "benchmark-tinyllama-home.json", benchmark(
+        "tinyllama-1.1b", env=home, created="2025-07-01T00:00:00+00:00", weights=2_200_119_864,
+        cats={"abstract_algebra": (9, 20), "world_religions": (12, 20)}))
+    text = page(good_results, tmp_path)
+    measured = section(text, "## Measured here, by machine")
+    headings = re.findall(r"^### (.+) \(newest run", measured, re.M)
+    assert headings == ["CPU: Apple M2, 8 cores, 8 GiB RAM", "CPU: Intel Xeon Platinum 8375C @ 2.90GHz, 2 cores, "
+                        "24 GiB RAM", "GPU: NVIDIA GeForce RTX 3070"]
+    _, first_rows = tables(measured)[0]
+    assert first_rows[0][0] == "tinyllama-1.1b bf16"  # the user's own run leads the page's measurements
+    setups = re.findall(r"^- MMLU: .+ \[(R[\d, R]+)\]$", measured, re.M)
+    assert len(setups) == 3 and all(setups)  # one setup line per machine, each naming its records
+    assert "Speeds and memory compare only within one machine" in measured
+
+
+def test_seed_model_record_arrives_beside_its_published_figure(good_results, tmp_path):
+    before = page(good_results, tmp_path)
+    seeds = dict((r[0], r) for r in tables(section(before, "## Seed models"))[0][1])
+    assert seeds["tinyllama-1.1b"][3] == "not measured here yet"
+    assert seeds["tinyllama-1.1b"][5] == "`python benchmark.py --models tinyllama-1.1b`"
+    write(good_results, "benchmark-tinyllama.json", benchmark("tinyllama-1.1b", weights=2_200_119_864))
+    after = page(good_results, tmp_path)
+    headers, rows = tables(section(after, "## Seed models"))[0]
+    row = dict(zip(headers, next(r for r in rows if r[0] == "tinyllama-1.1b")))
+    assert "25.92% *published*" in row["Published"] and "MMLU 37.5%" in row["Measured here"]
+    assert "shots 5 vs not stated" in row["Harness differences"] and "Instruct-Eval" in row["Harness differences"]
+    assert "tinyllama" not in recommendation(after)["Code"]["Not measured here yet"]  # measured now
 
 
 def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_path, capsys):
@@ -273,9 +315,6 @@ def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_pat
     bool_number["mmlu"]["micro"]["accuracy"] = True
     impossible = benchmark("smollm2-135m")
     impossible["mmlu"]["micro"]["n_correct"] = 41
-    odd_memory = benchmark("smollm2-135m", quant="8bit")  # valid, but memory readings are not numbers
-    odd_memory["memory"] = {"peak_rss_bytes": "a lot", "weight_bytes": None}
-    write(good_results, "odd-memory.json", odd_memory)
     bad = {"bad-json.json": "{not json", "missing-field.json": broken, "wrong-type.json": wrong_type,
            "bool-number.json": bool_number, "impossible-count.json": impossible,
            "foreign-list.json": [1, 2, 3], "foreign-dict.json": {"hello": "world"},
@@ -285,200 +324,157 @@ def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_pat
     for name, data in bad.items():
         write(good_results, name, data)
     (good_results / "not-utf8.json").write_bytes(b"\xff\xfe\x00garbage")
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
+    text = page(good_results, tmp_path)
     err = capsys.readouterr().err
-    skipped = section(out.read_text(), "## Skipped files")
+    skipped = section(text, "## Skipped files")
     for name in list(bad) + ["not-utf8.json"]:
-        assert f"skipped {name}:" in err, name
-        assert f"`{name}`" in skipped, name
-    assert "$.model.dtype: missing" in skipped
-    assert "$.mmlu.categories.world_religions.n: expected int, got str" in skipped
-    assert "$.mmlu.micro.accuracy: expected a number, got bool" in skipped
-    assert "schema_version 0 is not the supported 1" in skipped
-    assert "unknown kind 'mystery'" in skipped
-    assert "$.mmlu.micro: n_correct 41 is not between 0 and n = 40" in skipped
-    assert "odd-memory.json" not in skipped and "smollm2-135m 8bit" in section(out.read_text(), "## Summary")
-    assert "smollm2-135m bf16" in section(out.read_text(), "## Summary")  # the good records still render
+        assert f"skipped {name}:" in err and f"`{name}`" in skipped, name
+    for reason in ("$.model.dtype: missing", "$.mmlu.categories.world_religions.n: expected int, got str",
+                   "$.mmlu.micro.accuracy: expected a number, got bool", "schema_version 0 is not the supported 1",
+                   "unknown kind 'mystery'", "$.mmlu.micro: n_correct 41 is not between 0 and n = 40"):
+        assert reason in skipped, reason
+    assert "qwen-coder-0.5b bf16" in section(text, "## Measured here")  # the good records still render
+    assert "1 download" in text
 
 
-def test_output_is_deterministic_and_independent_of_listing_order(good_results, tmp_path, monkeypatch):
-    first, second, third = (tmp_path / f"{n}.md" for n in ("a", "b", "c"))
-    assert run_generator(good_results, first) == 0
-    assert run_generator(good_results, second) == 0
+def test_the_writer_refuses_what_the_page_would_skip(tmp_path):
+    broken = benchmark("smollm2-135m")
+    del broken["model"]["dtype"]
+    with pytest.raises(ValueError, match=r"\$\.model\.dtype: missing"):
+        common.write_result(broken, tmp_path)
+    with pytest.raises(ValueError, match="unknown kind"):
+        common.write_result({**benchmark("smollm2-135m"), "kind": "mystery"}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    for record in (benchmark("smollm2-135m"), finetune(), speculative(), new_speculative(), speculative_benchmark()):
+        path = common.write_result(record, tmp_path, name=f"{record['kind']}-{len(list(tmp_path.iterdir()))}.json")
+        assert generate.classify(path.read_text())[0] == "page"
+
+
+def test_output_and_figures_are_deterministic(good_results, tmp_path, monkeypatch):
+    first, second = tmp_path / "a" / "COMPARISON.md", tmp_path / "b" / "COMPARISON.md"
+    for out in (first, second):
+        out.parent.mkdir()
+        assert generate_page(good_results, out) == 0
     assert first.read_bytes() == second.read_bytes()
+    names = sorted(p.name for p in (first.parent / "figures").iterdir())
+    assert names == ["acceptance.svg", "finetune.svg", "quality.svg", "speculative.svg"]
+    for name in names:
+        assert (first.parent / "figures" / name).read_bytes() == (second.parent / "figures" / name).read_bytes()
     original_glob = Path.glob
     monkeypatch.setattr(Path, "glob", lambda self, pattern: reversed(list(original_glob(self, pattern))))
-    assert run_generator(good_results, third) == 0
-    assert third.read_bytes() == first.read_bytes()
-    assert "\r" not in first.read_text() and first.read_text().endswith("\n")
-    # Another process with another string-hash seed (set iteration order) writes the same bytes.
-    fourth = tmp_path / "d.md"
+    assert generate.build_page(good_results)[:2] == generate.build_page(good_results)[:2]
+    third = tmp_path / "c.md"
     subprocess.run([sys.executable, str(REPO / "docs" / "generate.py"), "--results-dir", str(good_results),
-                    "--output", str(fourth)], env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True,
-                   capture_output=True, timeout=60)
-    assert fourth.read_bytes() == first.read_bytes()
+                    "--output", str(third)], env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True,
+                   capture_output=True, timeout=120)
+    assert third.read_bytes() == first.read_bytes()
 
 
-def test_newest_complete_record_wins_and_older_ones_are_listed(tmp_path):
-    folder = tmp_path / "results"
-    write(folder, "a-old.json", benchmark("smollm2-135m", created="2025-01-01T00:00:00+00:00",
-                                          cats={"abstract_algebra": (2, 20)}))
-    write(folder, "b-new.json", benchmark("smollm2-135m", created="2025-02-01T00:00:00+00:00",
-                                          cats={"abstract_algebra": (8, 20)}))
-    write(folder, "c-newest-partial.json", benchmark("smollm2-135m", created="2025-03-01T00:00:00+00:00",
-                                                     status="partial", cats={"abstract_algebra": (19, 20)}))
-    write(folder, "d-other-dtype.json", benchmark("smollm2-135m", dtype="float32", cats={"abstract_algebra": (5, 20)}))
-    out = tmp_path / "out.md"
-    assert run_generator(folder, out) == 0
-    text = out.read_text()
-    _, rows = first_table(section(text, "## Summary"))
-    assert [r[2].split(" ")[0] for r in rows[:-1]] == ["40.0%", "25.0%"]  # bf16 newest complete, fp32 its own row
-    older = section(text, "## Older records not shown")
-    assert "`a-old.json`" in older and "`c-newest-partial.json`" in older and "`b-new.json`" not in older
-
-
-def test_only_partial_records_are_shown_and_marked(tmp_path):
-    folder = tmp_path / "results"
-    write(folder, "x.json", benchmark("smollm2-135m", status="interrupted"))
-    out = tmp_path / "out.md"
-    assert run_generator(folder, out) == 0
-    assert "smollm2-135m bf16 (interrupted)" in out.read_text()
-
-
-def test_every_number_in_the_measured_tables_traces_to_an_input_or_a_citation(good_results, tmp_path):
+def test_check_compares_figure_data_not_font_rendering(good_results, tmp_path, capsys):
     out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    text = out.read_text()
-    inputs = [json.loads(p.read_text()) for p in sorted(good_results.glob("*.json"))]
-    allowed = candidate_numbers(inputs)
-    checked = {  # heading -> columns holding numbers read straight from inputs or PUBLISHED
-        "## Summary": ["MMLU micro (95% CI)", "n", "HumanEval pass@1 (95% CI)", "Prefill tok/s", "Decode tok/s",
-                       "TTFT s", "Peak RAM", "Peak VRAM", "Weights loaded", "Weights on disk"],
-        "## MMLU per category": None,  # every column but the subject name
-        "## Published figures next to ours": ["Shots", "Published", "Ours (measured)"],
-        "## Fine-tuning: before and after": ["Before", "After", "Field F1", "Held-out loss", "n", "Train s",
-                                             "Steps", "Examples", "Train tok/s", "Peak RAM", "Peak VRAM",
-                                             "vs baseline"],
-        "## Speculative decoding": None,  # method table and k sweep: every column but the first
-    }
-    cells = [(heading, header, value)
-             for heading, columns in checked.items()
-             for headers, rows in tables(section(text, heading))[:None if columns is None else 1]
-             for row in rows for header, value in zip(headers, row)
-             if (columns is None and header != headers[0]) or (columns and header in columns)]
-    for heading, header, value in cells:
-        found = numbers(value)
-        assert found <= allowed, f"{heading} / {header}: {value!r} has {found - allowed}"
-    assert sum(len(numbers(value)) for _, _, value in cells) > 150
-
-
-def test_derived_numbers_recompute(good_results, tmp_path):
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    text = out.read_text()
-    # Fine-tuning gain = after - before.
-    headers, rows = first_table(section(text, "## Fine-tuning"))
-    assert rows[0][headers.index("Gain")] == "0.900"
-    # MMLU points above chance per GiB of weights for smollm2: (37.5 - 25) / (269060552 / 2**30).
-    _, rows = first_table(section(text, "## Quality and speed per GB"))
-    smollm = next(r for r in rows if r[0] == "smollm2-135m bf16")
-    assert smollm[4] == f"{12.5 / (269_060_552 / 2**30):.1f}"
-    assert smollm[7] == f"{40.5 / (1_234_567_890 / 2**30):.1f}"
-
-
-def test_statistics_flags_indistinguishable_pairs_and_chance():
-    z, p = generate.two_proportion_z(60, 100, 40, 100)
-    assert z == pytest.approx(2.828, abs=1e-3) and p == pytest.approx(0.00468, abs=1e-4)
-    assert generate.two_proportion_z(30, 100, 33, 100)[1] > 0.05
-    assert generate.two_proportion_z(0, 10, 0, 10) == (0.0, 1.0)
-    z, p = generate.one_proportion_z(25, 100, 0.25)
-    assert z == 0 and p == 1.0
-
-
-def test_statistics_section_verdicts(good_results, tmp_path):
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    stats = section(out.read_text(), "## Statistics")
-    _, chance_rows = first_table(stats)
-    smollm = next(r for r in chance_rows if r[0] == "smollm2-135m bf16")
-    assert smollm[2] == "15/40" and "not distinguishable from chance" in smollm[6]  # p(15/40 vs 25%) = 0.07
-    qwen = next(r for r in chance_rows if r[0] == "qwen-coder-0.5b bf16")
-    assert qwen[6] == "above chance"  # 24/40
-    pairs = stats[stats.index("### MMLU: pairs"):]
-    assert "qwen-coder-0.5b 4bit [R2] | qwen-coder-0.5b bf16 [R1] | 23/40 | 24/40 | -2.5" in pairs
-    assert "**indistinguishable**" in pairs
-
-
-def test_memory_fit_arithmetic_matches_the_loader_preflight():
-    fit = generate.fit_estimate("llama-3.2-1b", "none", 4096)
-    assert fit["kv_cache_bytes"] == 2 * 16 * 8 * 64 * 4096 * 2
-    assert fit["weight_bytes"] == int(common.REGISTRY["llama-3.2-1b"].n_params * 2)
-    assert fit["total_bytes"] < generate.VRAM_BUDGET_BYTES
-    assert generate.fit_estimate("llama-3.1-8b", "none", 4096)["total_bytes"] > generate.VRAM_BUDGET_BYTES
-    assert generate.fit_estimate("llama-3.1-8b", "4bit", 4096)["total_bytes"] < generate.VRAM_BUDGET_BYTES
-    longest = generate.max_context_in_budget("stablelm-2-1.6b", "none")
-    assert longest == 4096  # capped at the model's own maximum
-    assert generate.max_context_in_budget("llama-3.1-8b", "none") == 0
-    assert set(generate.MODEL_CONFIGS) >= set(common.SEED_MODELS)
-
-
-def test_published_figures_are_cited_and_marked(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
-    out = tmp_path / "out.md"
-    assert run_generator(folder, out) == 0
-    text = out.read_text()
-    published = section(text, "## Published figures next to ours")
-    for entry in generate.PUBLISHED:
-        assert entry["url"].startswith("https://")
-        assert f"{generate.fmt_num(entry['value'], 2 if round(entry['value'], 1) != entry['value'] else 1)}% " \
-               "*published*" in published
-    assert {p["model"] for p in generate.PUBLISHED} <= set(common.SEED_MODELS)
-    assert "No benchmark results yet" in text and "not measured here yet" in text
-
-
-def test_mermaid_blocks_are_well_formed(good_results, tmp_path):
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    blocks = re.findall(r"```mermaid\n(.*?)```", out.read_text(), re.S)
-    for block in blocks:
-        if block.startswith("quadrantChart"):
-            points = re.findall(r"^    (.+): \[(.+), (.+)\]$", block, re.M)
-            assert points
-            for name, x, y in points:
-                assert re.fullmatch(r"[A-Za-z0-9 ._-]+", name)
-                assert re.fullmatch(r"1|0(\.\d+)?", x) and re.fullmatch(r"1|0(\.\d+)?", y)
-        else:
-            assert block.startswith("xychart-beta")
-            n_labels = len(json.loads(re.search(r"x-axis (\[.*\])", block).group(1)))
-            for series in re.findall(r"^    (?:bar|line) \[(.*)\]$", block, re.M):
-                assert len(series.split(",")) == n_labels
-
-
-def test_new_result_appears_after_one_command_and_check_notices(good_results, tmp_path, capsys):
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    assert run_generator(good_results, out, "--check") == 0
-    assert "tinyllama-1.1b bf16" not in section(out.read_text(), "## Summary")
+    assert generate_page(good_results, out) == 0
+    assert generate_page(good_results, out, "--check") == 0
+    svg = out.parent / "figures" / "quality.svg"
+    svg.write_text(svg.read_text().replace("DejaVu Sans", "Some Other Font"))  # another machine's fonts
+    assert generate_page(good_results, out, "--check") == 0
+    svg.write_text(re.sub(r"figure data [0-9a-f]+", "figure data 0000", svg.read_text()))  # drawn from other data
+    assert generate_page(good_results, out, "--check") == 1
+    assert "quality.svg is out of date" in capsys.readouterr().err
+    assert generate_page(good_results, out) == 0
     write(good_results, "benchmark-tinyllama.json", benchmark("tinyllama-1.1b", weights=2_200_119_864))
-    assert run_generator(good_results, out, "--check") == 1
-    assert "out of date" in capsys.readouterr().err
-    assert run_generator(good_results, out) == 0
-    assert "tinyllama-1.1b bf16" in section(out.read_text(), "## Summary")
+    assert generate_page(good_results, out, "--check") == 1  # a new record changes the page and the figures
+    err = capsys.readouterr().err
+    assert "COMPARISON.md is out of date" in err and "quality.svg is out of date" in err
+
+
+def test_speculative_one_headline_per_setup_without_bookkeeping(good_results, tmp_path):
+    bf16_draft = speculative_benchmark(created="2025-06-03T12:00:00+00:00")
+    bf16_draft["draft"]["quantization"] = "none"
+    write(good_results, "speculative-benchmark-bf16.json", bf16_draft)
+    write(good_results, "speculative-new.json", new_speculative(created="2025-06-05T00:00:00+00:00"))
+    text = page(good_results, tmp_path)
+    part = section(text, "## Speculative decoding")
+    headers, rows = tables(part)[0]
+    setups = [(r[0], r[1], r[2], r[3]) for r in rows]
+    assert len(setups) == len(set(setups)) == 2 and {s[1] for s in setups} == {"int8", "bf16"}
+    assert "(none)" not in part  # a bf16 draft is called bf16
+    superseded = section(text, "## Provenance")
+    assert "`speculative-qwen-1.json`" in superseded.split("### Other records")[1]  # one-pass demo: benchmark shown
+    assert "`speculative-benchmark-qwen-1.json`" in superseded.split("### Other records")[1]  # newer merged record
+    int8 = next(dict(zip(headers, r)) for r in rows if r[1] == "int8")
+    assert int8["Ours vs target alone (by prompt)"] == "1.94× (1.50–2.50×)" and int8["Ours vs assisted"] == "1.41×"
+    for leaked in ("target ≥", "NOT met", "met)", "assisted generation was slower"):
+        assert leaked not in text, leaked
+    assert "int8 draft vs bf16 draft" in part and "too few prompts" in part
+
+
+def test_fit_tables_speak_plain_words(good_results, tmp_path):
+    text = page(good_results, tmp_path)
+    fits = section(text, "## What fits")
+    assert "max context" not in fits.lower() and re.search(r"\| 0 \|", fits) is None
+    vram = {r[0]: r for r in tables(fits)[1][1]}
+    assert vram["llama-3.1-8b"][4] == "does not fit, even at 4-bit with 512 tokens"  # 4 GB GPU
+    assert vram["llama-3.1-8b"][5].startswith("4-bit, up to about")
+    assert vram["llama-3.2-1b"][5] == "bf16, its full 131,072-token context"
+    ram = {r[0]: r for r in tables(fits)[0][1]}
+    assert "[R" in ram["smollm2-135m"][2] and ram["pythia-1b"][2] == "not measured"
+
+
+def test_fit_overhead_is_calibrated_on_measured_records(good_results):
+    records, _, _ = generate.load_results(good_results)
+    bench = [r for r in records if r.data["kind"] == "benchmark"]
+    overhead, basis = generate.calibrate_overhead(bench, gpu=False)
+    expected = max(1_234_567_890 - w - generate.kv_bytes(n, 640) for n, w in
+                   (("smollm2-135m", 269_060_552), ("qwen-coder-0.5b", 988_097_824)))
+    assert overhead == expected and {r.data["model"]["name"] for r in basis} == {"smollm2-135m", "qwen-coder-0.5b"}
+    assert generate.calibrate_overhead(bench, gpu=True) == (None, [])
+
+
+def test_oddities_are_explained_or_flagged(good_results, tmp_path):
+    write(good_results, "benchmark-4bit.json", benchmark("smollm2-135m", quant="4bit", weights=100_000_000,
+                                                         decode=(58.0, 0.9)))
+    odd = section(page(good_results, tmp_path), "### Measured oddities")
+    assert "smollm2-135m 4-bit decoded faster than smollm2-135m bf16" in odd and "cannot explain" in odd
+
+
+@pytest.mark.parametrize("case", ["folder", "missing", "full"])
+def test_bad_output_is_one_sentence(good_results, tmp_path, capsys, monkeypatch, case):
+    target = {"folder": tmp_path, "missing": tmp_path / "nope" / "COMPARISON.md",
+              "full": tmp_path / "COMPARISON.md"}[case]
+    if case == "full":
+        def no_space(path, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        monkeypatch.setattr(common, "write_text_atomic", no_space)
+    assert generate_page(good_results, target) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
+    assert {"folder": "is a folder", "missing": "does not exist", "full": "No space left"}[case] in err
+    assert not (tmp_path / "COMPARISON.md").exists()
 
 
 def test_missing_results_folder_is_one_clear_sentence(tmp_path, capsys):
-    assert run_generator(tmp_path / "nope", tmp_path / "out.md") == 2
+    assert generate_page(tmp_path / "nope", tmp_path / "out.md") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: Results folder") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "out.md").exists()
+    assert err.startswith("error: Results folder") and "\n" not in err
 
 
-def test_help_smoke():
-    result = subprocess.run([sys.executable, str(REPO / "docs" / "generate.py"), "--help"], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0 and "--results-dir" in result.stdout and "--check" in result.stdout
+def test_help_is_instant_and_imports_neither_torch_nor_matplotlib():
+    code = ("import sys; sys.path.insert(0, 'docs'); import generate\n"
+            "try:\n    generate.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'jinja2') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]") and "--check" in result.stdout
+
+
+def test_empty_results_still_give_a_page_with_published_figures(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    text = page(folder, tmp_path)
+    assert generate.STAMP in text and "No benchmark record yet" in text
+    assert all(r["Pick"] == "nothing measured qualifies yet" for r in recommendation(text).values())
+    for entry in generate.PUBLISHED:
+        assert entry["source"][1].startswith("https://")
+    assert "49.3% *published*" in section(text, "## Seed models")
 
 
 def leaf_paths(value, path=()):
@@ -490,16 +486,14 @@ def leaf_paths(value, path=()):
     yield path
 
 
-def test_no_mutation_of_a_record_crashes_the_generator(tmp_path):
-    """Every field of every report kind replaced by null, a string, a list or -1, or removed."""
+def test_no_mutation_of_a_valid_record_crashes_the_generator(tmp_path):
+    """Every field of every page kind replaced by null, a string, a list or -1, or removed: skipped or shown."""
     folder = tmp_path / "results"
     write(folder, "z-good.json", benchmark("qwen-coder-0.5b"))
     n_runs = 0
-    for original in (benchmark("smollm2-135m"), finetune(), speculative(), speculative_benchmark()):
+    for original in (benchmark("smollm2-135m"), finetune(), new_speculative(), speculative_benchmark()):
         for path in sorted(set(leaf_paths(original)), key=str):
-            if not path:
-                continue
-            for replacement in (None, "x", [], -1, "<delete>"):
+            for replacement in ((None, "x", [], -1, "<delete>") if path else ()):
                 record = json.loads(json.dumps(original))
                 parent = record
                 for key in path[:-1]:
@@ -510,22 +504,20 @@ def test_no_mutation_of_a_record_crashes_the_generator(tmp_path):
                 else:
                     parent[path[-1]] = replacement
                 write(folder, "mutant.json", record)
-                text, warnings = generate.build_document(folder)
+                text, _, warnings = generate.build_page(folder)
                 assert generate.STAMP in text and all("mutant.json" in w for w in warnings)
                 n_runs += 1
     assert n_runs > 400
 
 
 def test_default_output_sits_beside_the_results_folder(good_results, tmp_path):
-    # A temporary results folder (tests, BILLION_LLM_RESULTS_DIR) must never overwrite the repository's page.
     assert generate.main(["--results-dir", str(good_results)]) == 0
     assert (tmp_path / "docs" / "COMPARISON.md").read_text().startswith("# Comparing ~1B language models")
+    assert (tmp_path / "docs" / "figures" / "quality.svg").is_file()
 
 
 def test_internal_links_point_at_headings(good_results, tmp_path):
-    out = tmp_path / "COMPARISON.md"
-    assert run_generator(good_results, out) == 0
-    text = out.read_text()
-    anchors = {generate.anchor(h) for h in re.findall(r"^#{2,3} (.+)$", text, re.M)}
+    text = page(good_results, tmp_path)
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#{2,3} (.+)$", text, re.M)}
     links = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert links and links <= anchors, links - anchors
