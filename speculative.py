@@ -12,8 +12,8 @@ choice of k, the two baselines (the target alone in our loop and in transformers
 speed-up model.
 
     import speculative
-    out = speculative.speculative_generate(target, draft, prompt_ids, k=5, max_new_tokens=128)
-    out = speculative.speculative_generate(target, draft, prompt_ids, k=speculative.AdaptiveK(), max_new_tokens=128)
+    speculative.speculative_generate(target, draft, prompt_ids, k=5, max_new_tokens=128)   # 5 drafts a step
+    speculative.speculative_generate(target, draft, prompt_ids, k=speculative.AdaptiveK(), max_new_tokens=128)
 """
 from __future__ import annotations
 

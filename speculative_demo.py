@@ -44,7 +44,6 @@ TOKEN_LEGEND = {"accepted": "draft token accepted", "correction": "target's corr
 # only a gap under 1e-3 may flip; anything wider is a bug.
 NEAR_TIE_LOGIT = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
 INT8_DRAFT = "int8-dynamic"  # the draft's `quantization` once its Linear layers run in int8 (--draft-weights int8)
-HUB_CACHE_FILE = "config.json"  # probed in the Hugging Face cache to tell "downloaded" from "missing"
 KV_CONTEXT_TOKENS = 2048  # KV cache the memory preflight budgets for: prompt + new tokens + drafts
 
 
@@ -79,7 +78,7 @@ def on_disk(name: str, models_dir) -> bool:
         return True  # a local folder or GGUF file, or a model common fetches from the package index by itself
     try:
         from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(resolved.source, HUB_CACHE_FILE), str)
+        return isinstance(try_to_load_from_cache(resolved.source, "config.json"), str)
     except Exception:  # noqa: BLE001 - an unreadable cache counts as missing
         return False
 
@@ -173,32 +172,27 @@ def run_method(method: str, pair: Pair, prompt_ids: list, *, max_new_tokens: int
 
 def run_stats(method: str, generation) -> dict:
     """Flat numbers for one generation: speed, acceptance, where the time went."""
-    n_tokens = len(generation.tokens)
-    draft_sec = sum(sec for role, _, sec in generation.forwards if role == "draft")
-    target_sec = sum(sec for role, _, sec in generation.forwards if role == "target")
-    n_target = sum(1 for role, *_ in generation.forwards if role == "target")
-    n_draft = sum(1 for role, *_ in generation.forwards if role == "draft")
+    n_tokens, total_sec = len(generation.tokens), generation.total_sec
+    sec = {role: sum(t for r, _, t in generation.forwards if r == role) for role in ("draft", "target")}
+    n_forwards = {role: sum(r == role for r, *_ in generation.forwards) for role in ("draft", "target")}
+    n_steps = n_proposed = n_accepted = 0
+    n_rejections = None
     if generation.steps:  # ours: counted exactly, per step
         speculative = [s for s in generation.steps if s["k"] > 0]
-        n_proposed = sum(s["k"] for s in speculative)
+        n_steps, n_proposed = len(speculative), sum(s["k"] for s in speculative)
         n_accepted = sum(s["n_accepted"] for s in speculative)
         n_rejections = sum(s["n_accepted"] < s["k"] for s in speculative)
-        n_steps = len(speculative)
-    elif method == "assisted" and n_draft:  # transformers: derived from forward counts (one target pass per step,
-        n_steps = n_target  # each draft pass proposes one candidate, each step adds exactly one target token)
-        n_proposed, n_accepted = n_draft, max(0, n_tokens - n_target)
-        n_rejections = None
-    else:
-        n_steps = n_proposed = n_accepted = 0
-        n_rejections = None
+    elif method == "assisted" and n_forwards["draft"]:  # transformers: derived from forward counts (one target
+        # pass per step, each draft pass proposes one candidate, each step adds exactly one target token)
+        n_steps, n_proposed = n_forwards["target"], n_forwards["draft"]
+        n_accepted = max(0, n_tokens - n_forwards["target"])
     ratio = lambda a, b: a / b if b else None  # noqa: E731
-    return {"n_tokens": n_tokens, "total_sec": generation.total_sec,
-            "tok_per_sec": ratio(n_tokens, generation.total_sec), "draft_sec": draft_sec, "target_sec": target_sec,
-            "draft_time_share": ratio(draft_sec, generation.total_sec),
-            "target_time_share": ratio(target_sec, generation.total_sec),
-            "n_target_forwards": n_target, "n_draft_forwards": n_draft, "n_steps": n_steps,
-            "n_proposed": n_proposed, "n_accepted": n_accepted, "n_rejections": n_rejections,
-            "acceptance_rate": ratio(n_accepted, n_proposed), "mean_accepted_per_step": ratio(n_accepted, n_steps),
+    return {"n_tokens": n_tokens, "total_sec": total_sec, "tok_per_sec": ratio(n_tokens, total_sec),
+            "draft_sec": sec["draft"], "target_sec": sec["target"], "draft_time_share": ratio(sec["draft"], total_sec),
+            "target_time_share": ratio(sec["target"], total_sec), "n_target_forwards": n_forwards["target"],
+            "n_draft_forwards": n_forwards["draft"], "n_steps": n_steps, "n_proposed": n_proposed,
+            "n_accepted": n_accepted, "n_rejections": n_rejections, "acceptance_rate": ratio(n_accepted, n_proposed),
+            "mean_accepted_per_step": ratio(n_accepted, n_steps),
             "alpha": ratio(n_accepted, n_accepted + n_rejections) if n_rejections is not None else None}
 
 
@@ -284,41 +278,34 @@ def measured_costs(runs: dict, *, k: int) -> dict:
 
 def k_sweep(pair: Pair, prompts: list, ks: list, *, max_new_tokens: int, temperature: float, seed: int,
             cost_ratio: float | None, log) -> tuple:
-    """Ours at each k, one run per prompt, each prompt's k values run next to a fresh target-alone run.
+    """Ours at each k, one run per prompt, each prompt's k values run next to a fresh target-alone run. A row is
+    summarise()'s numbers plus Leviathan's model, with his 1-step verify pass and with the measured one.
     Returns (one row per k, [(label, prompt_index, Generation)] for the lossless check)."""
     from speculative import break_even_alpha, expected_speedup
-    rows, generations, by_k, baselines = {k: [] for k in ks}, [], {k: [] for k in ks}, []
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, k_max=max(ks))
+    baselines, baseline_tok_per_sec, by_k = [], {}, {k: [] for k in ks}
     for index, prompt in enumerate(prompts):
-        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, k_max=max(ks))
         baselines.append(run_method("target_only", pair, prompt["ids"], k=0, **settings))
-        baseline = run_stats("target_only", baselines[-1])
+        baseline_tok_per_sec[index, 0] = run_stats("target_only", baselines[-1])["tok_per_sec"]
         for k in ks:
             generation = run_method("ours", pair, prompt["ids"], k=k, **settings)
-            generations.append((f"ours k={k}", index, generation))
-            by_k[k].append(generation)
-            stats = run_stats("ours", generation)
-            stats["speedup"] = stats["tok_per_sec"] / baseline["tok_per_sec"]
-            rows[k].append(stats)
+            stats = {**run_stats("ours", generation), "prompt_index": index, "round": 0}
+            by_k[k].append((index, generation, stats))
             log(f"  k sweep  prompt {index + 1}  k={k}  {stats['tok_per_sec']:6.2f} tok/s  "
-                f"x{stats['speedup']:.2f}  alpha {stats['alpha'] or 0:.2f}")
-    table = []
-    one_token = median_forward_sec(baselines, "target", (1,))
-    for k, stats in rows.items():
-        verify = median_forward_sec(by_k[k], "target", (k + 1,))
+                f"x{stats['tok_per_sec'] / baseline_tok_per_sec[index, 0]:.2f}  alpha {stats['alpha'] or 0:.2f}")
+    table, one_token = [], median_forward_sec(baselines, "target", (1,))
+    for k, items in by_k.items():
+        ratios = common.paired_ratios({(i, 0): s["tok_per_sec"] for i, _, s in items}, baseline_tok_per_sec)
+        row = summarise([s for _, _, s in items], {"vs_target": ratios["geomean"],
+                                                   "vs_target_by_prompt": ratios["by_prompt"]})
+        verify = median_forward_sec([g for _, g, _ in items], "target", (k + 1,))
         verify_cost = verify / one_token if verify and one_token else None
-        n_accepted = sum(s["n_accepted"] for s in stats)
-        n_rejections = sum(s["n_rejections"] for s in stats)
-        alpha = n_accepted / (n_accepted + n_rejections) if n_accepted + n_rejections else None
-        table.append({"k": k, "tok_per_sec_mean": statistics.fmean(s["tok_per_sec"] for s in stats),
-                      "speedup": common.geometric_mean(s["speedup"] for s in stats),
-                      "speedup_by_prompt": [s["speedup"] for s in stats],
-                      "acceptance_rate": n_accepted / max(1, sum(s["n_proposed"] for s in stats)), "alpha": alpha,
-                      "mean_accepted_per_step": n_accepted / max(1, sum(s["n_steps"] for s in stats)),
-                      "expected_speedup": expected_speedup(alpha, k, cost_ratio),
+        table.append({"k": k, **row, "expected_speedup": expected_speedup(row["alpha"], k, cost_ratio),
                       "break_even_alpha": break_even_alpha(k, cost_ratio), "verify_cost_ratio": verify_cost,
-                      "expected_speedup_measured_verify": expected_speedup(alpha, k, cost_ratio, verify_cost or 1.0),
+                      "expected_speedup_measured_verify": expected_speedup(row["alpha"], k, cost_ratio,
+                                                                           verify_cost or 1.0),
                       "break_even_alpha_measured_verify": break_even_alpha(k, cost_ratio, verify_cost or 1.0)})
-    return table, generations
+    return table, [(f"ours k={k}", i, g) for k, items in by_k.items() for i, g, _ in items]
 
 
 def acceptance_profile(generations: list) -> dict:
@@ -597,11 +584,11 @@ def parse_args(argv=None):
     parser.add_argument("--draft", default="qwen-coder-0.5b", help="draft model: registry name, folder or .gguf")
     parser.add_argument("--target", default="qwen-coder-1.5b", help="target model: registry name, folder or .gguf")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); none = the built-in set")
-    parser.add_argument("--n-prompts", type=common.positive_int, default=2,
-                        help=f"how many built-in prompts, alternating code and prose (at most {len(DEFAULT_PROMPTS)})")
+    parser.add_argument("--n-prompts", type=common.positive_int, default=2, metavar=f"1..{len(DEFAULT_PROMPTS)}",
+                        choices=range(1, len(DEFAULT_PROMPTS) + 1), help="built-in prompts, alternating code and prose")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="tokens to generate per run")
     parser.add_argument("--k", type=common.positive_int, default=5, help="draft tokens per step of ours, fixed k")
-    parser.add_argument("--k-max", type=common.positive_int, default=16, help="most tokens adaptive k drafts in one step")
+    parser.add_argument("--k-max", type=common.positive_int, default=16, help="most tokens adaptive k drafts per step")
     parser.add_argument("--k-sweep", type=k_list, default="1,2,3,4,6,8",
                         help="comma-separated k values to sweep ('' = none)")
     parser.add_argument("--methods", type=method_list, default="target_only,assisted,ours,ours_adaptive",
@@ -628,10 +615,7 @@ def parse_args(argv=None):
                              "target's dtype. The target is never quantized, so the output does not change")
     common.add_common_flags(parser)
     parser.add_argument("--no-save", action="store_true", help="do not write results/speculative-*.json")
-    args = parser.parse_args(argv)
-    if args.n_prompts > len(DEFAULT_PROMPTS):
-        parser.error(f"argument --n-prompts: '{args.n_prompts}' must be at most {len(DEFAULT_PROMPTS)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def run(argv=None) -> int:
