@@ -22,6 +22,9 @@ import dataclasses
 import statistics
 
 import common
+import cpu_kernels
+import speculative
+from speculative import break_even_alpha, expected_speedup
 
 DEFAULT_PROMPTS = (  # (kind, text): code is where a coder draft agrees most, prose where it agrees least
     ("code", "Write a Python function `is_palindrome(s)` that ignores case and punctuation, with a docstring."),
@@ -108,10 +111,9 @@ def pick_target_quantize(requested: str, device: str, target: str) -> str:
 
 
 def load_pair(*, draft: str, target: str, device: str, dtype: str, target_quantize: str, universal: bool,
-              cpu_kernels: str, draft_weights: str, models_dir, log) -> Pair:
+              int8_draft: bool, pack_weights: bool, models_dir, log) -> Pair:
     """Both models, after two cheap checks: both on disk, and (before any weights load) one shared vocabulary.
     On CPU, then the fenced speed-ups of cpu_kernels.py: the draft in int8, every Linear pre-packed."""
-    import cpu_kernels as kernels  # the parameter cpu_kernels is the --cpu-kernels choice
     from transformers import AutoTokenizer
     require_pair_on_disk(draft, target, models_dir)
     resolved = [common.available_model(name, models_dir, log=log) for name in (draft, target)]
@@ -129,13 +131,13 @@ def load_pair(*, draft: str, target: str, device: str, dtype: str, target_quanti
     loaded_draft = common.load_model(draft, device=device, dtype=loaded_target.dtype, models_dir=models_dir,
                                      context_tokens=KV_CONTEXT_TOKENS, log=log)
     if device == "cpu" and not universal:
-        if draft_weights == "int8" and loaded_draft.quantize == "none" and \
-                kernels.quantize_linears_int8(loaded_draft.model, log=log):
+        if int8_draft and loaded_draft.quantize == "none" and \
+                cpu_kernels.quantize_linears_int8(loaded_draft.model, log=log):
             loaded_draft.quantize = INT8_DRAFT
             loaded_draft.weight_bytes = common.model_weight_bytes(loaded_draft.model)
         for loaded in (loaded_target, loaded_draft):
-            if cpu_kernels == "packed" and loaded.quantize == "none":
-                kernels.pack_linears(loaded.model, dtype=loaded.dtype, log=log)
+            if pack_weights and loaded.quantize == "none":
+                cpu_kernels.pack_linears(loaded.model, dtype=loaded.dtype, log=log)
     stop_ids = common.stop_token_ids(loaded_target.tokenizer, loaded_target.resolved.spec)
     return Pair(draft=loaded_draft, target=loaded_target, stop_ids=stop_ids, device=device, universal=universal)
 
@@ -154,7 +156,6 @@ def encode_prompts(pair: Pair, *, texts=(), n_prompts: int) -> list:
 # --------------------------------------------------------------------------------------------- measuring
 def run_method(method: str, pair: Pair, prompt_ids: list, *, max_new_tokens: int, k: int, k_max: int,
                temperature: float, seed: int):
-    import speculative
     shared = dict(max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=pair.stop_ids, seed=seed,
                   device=pair.device)
     target = pair.target.model
@@ -281,7 +282,6 @@ def k_sweep(pair: Pair, prompts: list, ks: list, *, max_new_tokens: int, tempera
     """Ours at each k, one run per prompt, each prompt's k values run next to a fresh target-alone run. A row is
     summarise()'s numbers plus Leviathan's model, with his 1-step verify pass and with the measured one.
     Returns (one row per k, [(label, prompt_index, Generation)] for the lossless check)."""
-    from speculative import break_even_alpha, expected_speedup
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, k_max=max(ks))
     baselines, baseline_tok_per_sec, by_k = [], {}, {k: [] for k in ks}
     for index, prompt in enumerate(prompts):
@@ -300,11 +300,11 @@ def k_sweep(pair: Pair, prompts: list, ks: list, *, max_new_tokens: int, tempera
                                                    "vs_target_by_prompt": ratios["by_prompt"]})
         verify = median_forward_sec([g for _, g, _ in items], "target", (k + 1,))
         verify_cost = verify / one_token if verify and one_token else None
-        table.append({"k": k, **row, "expected_speedup": expected_speedup(row["alpha"], k, cost_ratio),
+        alpha, measured_verify = row["alpha"], verify_cost or 1.0
+        table.append({"k": k, **row, "expected_speedup": expected_speedup(alpha, k, cost_ratio),
                       "break_even_alpha": break_even_alpha(k, cost_ratio), "verify_cost_ratio": verify_cost,
-                      "expected_speedup_measured_verify": expected_speedup(row["alpha"], k, cost_ratio,
-                                                                           verify_cost or 1.0),
-                      "break_even_alpha_measured_verify": break_even_alpha(k, cost_ratio, verify_cost or 1.0)})
+                      "expected_speedup_measured_verify": expected_speedup(alpha, k, cost_ratio, measured_verify),
+                      "break_even_alpha_measured_verify": break_even_alpha(k, cost_ratio, measured_verify)})
     return table, [(f"ours k={k}", i, g) for k, items in by_k.items() for i, g, _ in items]
 
 
@@ -365,7 +365,6 @@ def lossless_report(runs: dict, sweep_generations: list, tokenizer, dtype: str, 
 def build_record(*, pair: Pair, prompts: list, runs: dict, sweep: list, sweep_generations: list, cost: dict,
                  k: int, k_max: int, max_new_tokens: int, temperature: float, repeats: int, config: dict) -> dict:
     """The one `speculative` record: every method's numbers, the paired ratios, the k sweep, the lossless check."""
-    from speculative import assisted_defaults, break_even_alpha, expected_speedup
     ratios = paired_ratios(runs)
     methods = {}
     for method, items in runs.items():
@@ -394,13 +393,12 @@ def build_record(*, pair: Pair, prompts: list, runs: dict, sweep: list, sweep_ge
         adaptive=adaptive, cost=cost, universal=pair.universal,
         break_even=[{"k": n, "break_even_alpha": break_even_alpha(n, cost["cost_ratio"])} for n in range(1, k_max + 1)],
         lossless=lossless_report(runs, sweep_generations, pair.target.tokenizer, pair.target.dtype, temperature),
-        assisted_defaults=assisted_defaults(pair.draft.model.generation_config),
+        assisted_defaults=speculative.assisted_defaults(pair.draft.model.generation_config),
         n_generations=sum(len(items) for items in runs.values()))
 
 
 def honesty_notes(record: dict) -> list:
     """Plain sentences, printed after a run, on where speculative decoding did not pay (from the record's numbers)."""
-    from speculative import break_even_alpha
     notes, cost, k = [], record["cost"], record["k"]
     if record["draft"]["quantization"] == INT8_DRAFT:
         notes.append("the draft's Linear layers ran in int8 (--draft-weights int8) for transformers' assisted "
@@ -627,7 +625,8 @@ def run(argv=None) -> int:
     with torch_session(args.threads) as cpu:
         pair = load_pair(draft=args.draft, target=args.target, device=args.device, dtype=args.dtype,
                          target_quantize=args.target_quantize, universal=args.universal, models_dir=args.models_dir,
-                         cpu_kernels=args.cpu_kernels, draft_weights=args.draft_weights, log=console.print)
+                         int8_draft=args.draft_weights == "int8", pack_weights=args.cpu_kernels == "packed",
+                         log=console.print)
         methods, ks = args.methods, args.k_sweep
         if pair.universal:  # our algorithm needs shared token ids; only the universal assisted path can run
             console.print("tokenizers differ: running transformers' universal assisted generation only.")

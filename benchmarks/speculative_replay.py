@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import speculative  # noqa: E402
+import speculative_demo  # noqa: E402
 
 TRANSFORMERS_DEFAULT = {"cap": 20, "stop_after_confidence_below": 0.4}  # num_assistant_tokens, confidence threshold
 
@@ -30,8 +32,6 @@ TRANSFORMERS_DEFAULT = {"cap": 20, "stop_after_confidence_below": 0.4}  # num_as
 def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
     """The target's greedy tokens, and the draft's guess and confidence at each of them (incremental, cached)."""
     import torch
-
-    import speculative
     reference = speculative.reference_generate(pair.target.model, prompt_ids, max_new_tokens=max_new_tokens,
                                                stop_ids=pair.stop_ids, device=pair.device)
     cache, guesses, confidences = common.new_cache(), [], []
@@ -47,7 +47,6 @@ def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
 
 def measure_costs(pair, prompt_ids: list, repeats: int = 9) -> tuple:
     """(c, s): draft 1-token forward over target 1-token forward, and the verify slope per extra token."""
-    import speculative
 
     def median_sec(model, n_tokens: int) -> float:
         cache, times = common.new_cache(), []
@@ -107,12 +106,10 @@ def parse_args(argv=None):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    import speculative
-    import speculative_demo
     with speculative_demo.torch_session(args.threads):
         pair = speculative_demo.load_pair(
             draft=args.draft, target=args.target, device="cpu", dtype="bfloat16", target_quantize="none",
-            universal=False, cpu_kernels="packed", draft_weights=args.draft_weights, models_dir=args.models_dir,
+            universal=False, int8_draft=args.draft_weights == "int8", pack_weights=True, models_dir=args.models_dir,
             log=print)
         prompts = speculative_demo.encode_prompts(pair, n_prompts=args.n_prompts)
         c, s = measure_costs(pair, prompts[0]["ids"])
