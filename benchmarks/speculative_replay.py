@@ -8,24 +8,23 @@ same recorded positions, and priced with a cost model measured once in this run:
 steps, a verify pass over n tokens 1 + s (n - 1). Modelled speedup = new tokens / modelled cost.
 
 Rules: fixed k; transformers' assisted generation default (draft up to 20, stop after a token under 0.4
-confidence); and AdaptiveK from speculative_demo.py (the real class, fed the modelled timings).
+confidence); and AdaptiveK from speculative.py (the real class, fed the modelled timings).
 
     python benchmarks/speculative_replay.py                          # Qwen2.5-Coder 0.5B (int8) -> 1.5B, bf16
     python benchmarks/speculative_replay.py --draft-weights same     # the bf16 draft
 """
 from __future__ import annotations
 
-import argparse
-import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import speculative  # noqa: E402
+import speculative_demo  # noqa: E402
 
 TRANSFORMERS_DEFAULT = {"cap": 20, "stop_after_confidence_below": 0.4}  # num_assistant_tokens, confidence threshold
 
@@ -33,15 +32,12 @@ TRANSFORMERS_DEFAULT = {"cap": 20, "stop_after_confidence_below": 0.4}  # num_as
 def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
     """The target's greedy tokens, and the draft's guess and confidence at each of them (incremental, cached)."""
     import torch
-    from transformers import DynamicCache
-
-    import speculative_demo as sd
-    reference = sd.reference_generate(pair.target.model, prompt_ids, max_new_tokens=max_new_tokens,
-                                      stop_ids=pair.stop_ids)
-    cache, guesses, confidences = DynamicCache(), [], []
+    reference = speculative.reference_generate(pair.target.model, prompt_ids, max_new_tokens=max_new_tokens,
+                                               stop_ids=pair.stop_ids, device=pair.device)
+    cache, guesses, confidences = common.new_cache(), [], []
     feed = prompt_ids
     for token in reference.tokens:
-        logits = sd.timed_forward(pair.draft.model, feed, cache, 1, [], "draft", pair.device)[-1]
+        logits = common.forward_logits(pair.draft.model, feed, cache)[-1]
         probs = torch.softmax(logits, dim=-1)
         guesses.append(int(probs.argmax()))
         confidences.append(float(probs.max()))
@@ -51,20 +47,15 @@ def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
 
 def measure_costs(pair, prompt_ids: list, repeats: int = 9) -> tuple:
     """(c, s): draft 1-token forward over target 1-token forward, and the verify slope per extra token."""
-    from transformers import DynamicCache
-
-    import speculative_demo as sd
 
     def median_sec(model, n_tokens: int) -> float:
-        cache = DynamicCache()
-        sd.timed_forward(model, prompt_ids, cache, 1, [], "x", pair.device)
-        times = []
+        cache, times = common.new_cache(), []
+        common.forward_logits(model, prompt_ids, cache)
         for _ in range(repeats):
-            start = time.perf_counter()
-            sd.timed_forward(model, [100] * n_tokens, cache, n_tokens, [], "x", pair.device)
-            times.append(time.perf_counter() - start)
-            sd.rollback(cache, len(prompt_ids))
-        return statistics.median(times)
+            speculative.timed_forward(model, [100] * n_tokens, cache, trace=times, role="x", device=pair.device,
+                                      n_logits=n_tokens)
+            speculative.rollback(cache, len(prompt_ids))
+        return statistics.median(sec for _, _, sec in times)
     one = median_sec(pair.target.model, 1)  # the caller holds torch.inference_mode()
     nine = median_sec(pair.target.model, 9)
     draft = median_sec(pair.draft.model, 1)
@@ -98,34 +89,29 @@ def replay(path: dict, c: float, s: float, rule) -> float:
     return (len(tokens) - 1) / cost
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--draft", default="qwen-coder-0.5b")
-    parser.add_argument("--target", default="qwen-coder-1.5b")
-    parser.add_argument("--draft-weights", default="int8", choices=("int8", "same"))
-    parser.add_argument("--n-prompts", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--k-max", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+def parse_args(argv=None):
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--draft", default="qwen-coder-0.5b", help="draft model: registry name or folder")
+    parser.add_argument("--target", default="qwen-coder-1.5b", help="target model: registry name or folder")
+    parser.add_argument("--draft-weights", default="int8", choices=("int8", "same"),
+                        help="the draft's Linear layers in int8, or in the target's dtype (as in speculative_demo.py)")
+    parser.add_argument("--n-prompts", type=common.positive_int, default=4, choices=range(1, 5), metavar="1..4",
+                        help="built-in prompts, alternating code and prose")
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="tokens of each recorded path")
+    parser.add_argument("--k-max", type=common.positive_int, default=16, help="most tokens adaptive k drafts")
+    common.add_common_flags(parser, results=False)
+    parser.set_defaults(threads=1)  # one thread: a replay on a shared 2-core machine, timings only for c and s
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    return common.run_cli(_main, argv)
-
-
-def _main(argv) -> int:
+def run(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    import speculative_demo as sd
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    demo_args = sd.parse_args(["--draft", args.draft, "--target", args.target, "--draft-weights", args.draft_weights,
-                               "--n-prompts", str(args.n_prompts), "--dtype", "bfloat16", "--device", "cpu"])
-    with torch.inference_mode():
-        pair = sd.load_pair(demo_args, print)
-        prompts = sd.encode_prompts(pair, demo_args)
+    with speculative_demo.torch_session(args.threads):
+        pair = speculative_demo.load_pair(
+            draft=args.draft, target=args.target, device="cpu", dtype="bfloat16", target_quantize="none",
+            universal=False, int8_draft=args.draft_weights == "int8", pack_weights=True, models_dir=args.models_dir,
+            log=print)
+        prompts = speculative_demo.encode_prompts(pair, n_prompts=args.n_prompts)
         c, s = measure_costs(pair, prompts[0]["ids"])
         paths = [record_path(pair, p["ids"], args.max_new_tokens) for p in prompts]
     print(f"{pair.draft.resolved.label} ({pair.draft.quantize}) -> {pair.target.resolved.label}: measured c = {c:.3f}, "
@@ -134,14 +120,18 @@ def _main(argv) -> int:
                       for p, q in zip(prompts, paths)))
     rules = [(f"fixed k={k}", lambda k=k: {"cap": k}) for k in (1, 2, 3, 4, 6, 8)]
     rules += [("transformers default (20, stop < 0.4)", lambda: TRANSFORMERS_DEFAULT),
-              (f"adaptive k (max {args.k_max})", lambda: sd.AdaptiveK(k_max=args.k_max))]
+              (f"adaptive k (max {args.k_max})", lambda: speculative.AdaptiveK(k_max=args.k_max))]
     print(f"\nmodelled speedup over the target alone ({' '.join(p['kind'] for p in prompts)}; geometric mean)")
     for name, make in rules:
         speedups = [replay(path, c, s, make()) for path in paths]
-        mean = math.exp(statistics.fmean(math.log(x) for x in speedups))
-        print(f"  {name:<38} {mean:5.2f}x  (" + " ".join(f"{x:.2f}" for x in speedups) + ")")
-    print("(a model, not a measurement: benchmarks/speculative_vs_assisted.py measures)")
+        print(f"  {name:<38} {common.geometric_mean(speedups):5.2f}x  (" + " ".join(f"{x:.2f}" for x in speedups)
+              + ")")
+    print("(a model, not a measurement: speculative_demo.py measures)")
     return 0
+
+
+def main(argv=None) -> int:
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":

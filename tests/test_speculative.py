@@ -1,5 +1,6 @@
-"""speculative_demo.py on tiny random models: greedy output identical to the target's, caches rolled back to the
-accepted prefix, the sampling rule keeps the target's distribution, vocabulary mismatches refused or aligned."""
+"""speculative.py and speculative_demo.py on tiny random models: greedy output identical to the target's, caches
+rolled back to the accepted prefix, the sampling rule keeps the target's distribution, vocabulary mismatches refused
+or aligned; the demo's flags refused up front and its one record."""
 import copy
 import json
 import subprocess
@@ -11,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import common  # noqa: E402
+import cpu_kernels  # noqa: E402
+import speculative as spec  # noqa: E402
 import speculative_demo as sd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,44 +66,40 @@ def test_greedy_output_is_the_targets_own(models, draft_name):
     histogram = {}
     for index, prompt in enumerate(random_prompts(5, seed=len(draft_name))):
         stop_ids = (0,) if index % 2 else ()  # half the runs may stop early at the tiny models' EOS
-        reference = sd.reference_generate(target, prompt, max_new_tokens=20, stop_ids=stop_ids)
+        reference = spec.reference_generate(target, prompt, max_new_tokens=20, stop_ids=stop_ids)
         for k in (1, 2, 4, 7):
-            out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k, stop_ids=stop_ids)
+            out = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k, stop_ids=stop_ids)
             assert out.tokens == reference.tokens, (draft_name, index, k)
             assert len(out.kinds) == len(out.tokens)
             for step in out.steps:
                 histogram[step["n_accepted"]] = histogram.get(step["n_accepted"], 0) + 1
-        adaptive = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, stop_ids=stop_ids,
-                                           adaptive=sd.AdaptiveK(k_max=6))
+        adaptive = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, stop_ids=stop_ids,
+                                             k=spec.AdaptiveK(k_max=6))
         assert adaptive.tokens == reference.tokens
     if draft_name == "noisy":  # partial acceptance really happened, so the rollback paths were exercised
         assert histogram.get(0, 0) > 0 and sum(v for n, v in histogram.items() if 0 < n < 7) > 10
 
 
-@pytest.mark.skipif(not sd.int8_draft_supported(), reason="torch without fbgemm")
-def test_int8_draft_stays_close_and_keeps_the_output_exact(models):
-    """The CPU draft's Linear layers in int8: close to the float layer, and the target still decides every token."""
-    linear = torch.nn.Linear(64, 48)
-    x = torch.randn(3, 5, 64)
-    quantized = sd.int8_linear_class()(linear)
-    error = (quantized(x) - linear(x)).abs().max() / linear(x).abs().max()
-    assert quantized(x).shape == (3, 5, 48) and 0 < error < 0.03
+@pytest.mark.skipif(cpu_kernels.int8_problem() is not None, reason="torch without fbgemm")
+def test_int8_draft_keeps_the_output_exact(models):
+    """The CPU draft's Linear layers in int8 (tests/test_cpu_kernels.py checks the layer): the target still decides
+    every token."""
     draft = copy.deepcopy(models["noisy"])
-    assert sd.swap_linears(draft, sd.int8_linear_class()) == sum(
+    assert cpu_kernels.quantize_linears_int8(draft, log=print) == sum(
         type(m) is torch.nn.Linear for m in models["noisy"].modules())
     target = models["target"]
     for prompt in random_prompts(4, seed=11):
-        reference = sd.reference_generate(target, prompt, max_new_tokens=20)
+        reference = spec.reference_generate(target, prompt, max_new_tokens=20)
         for k in (2, 5):
-            out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k)
+            out = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k)
             assert out.tokens == reference.tokens and sd.run_stats("ours", out)["n_accepted"] > 0
-        out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, adaptive=sd.AdaptiveK())
+        out = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, k=spec.AdaptiveK())
         assert out.tokens == reference.tokens
 
 
 def test_identical_draft_accepts_every_token(models):
     prompt = random_prompts(1, seed=7)[0]
-    out = sd.speculative_generate(models["target"], models["same"], prompt, max_new_tokens=21, k=4)
+    out = spec.speculative_generate(models["target"], models["same"], prompt, max_new_tokens=21, k=4)
     stats = sd.run_stats("ours", out)
     assert stats["acceptance_rate"] == 1.0 and stats["alpha"] == 1.0
     assert [s["n_accepted"] for s in out.steps] == [4] * 4
@@ -109,9 +108,9 @@ def test_identical_draft_accepts_every_token(models):
 
 def test_independent_draft_is_mostly_rejected_and_adaptive_k_backs_off(models):
     prompt = random_prompts(1, seed=3)[0]
-    adaptive = sd.AdaptiveK(k_max=8)
-    out = sd.speculative_generate(models["target"], models["independent"], prompt, max_new_tokens=60,
-                                  adaptive=adaptive)
+    adaptive = spec.AdaptiveK(k_max=8)
+    out = spec.speculative_generate(models["target"], models["independent"], prompt, max_new_tokens=60,
+                                    k=adaptive)
     assert sd.run_stats("ours", out)["acceptance_rate"] < 0.3
     assert out.k_trace[:2] == [0, 8] and out.k_trace[-10:].count(0) >= 7  # mostly plain steps at the end
     assert out.steps[1]["k"] < 8  # and the unsure draft stopped before its cap
@@ -122,21 +121,23 @@ def last_logits(model, ids):
     return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
-def test_caches_roll_back_to_the_accepted_prefix(models):
+def test_caches_roll_back_to_the_accepted_prefix(models, monkeypatch):
     target, draft = models["target"], models["noisy"]
     prompt = random_prompts(1, seed=11)[0]
-    out = sd.speculative_generate(target, draft, prompt, max_new_tokens=40, k=5)
+    caches = []  # the two caches speculative_generate makes, kept here to continue from them
+    monkeypatch.setattr(common, "new_cache", lambda make=common.new_cache: caches.append(make()) or caches[-1])
+    out = spec.speculative_generate(target, draft, prompt, max_new_tokens=40, k=5)
     assert any(s["n_accepted"] < s["k"] for s in out.steps), "no rejection happened: the test proves nothing"
     for step in out.steps:  # after every step, including the rejected ones
         assert step["target_cache_len"] == step["sequence_len"] - 1
         assert step["draft_cache_len"] <= step["sequence_len"] - 1
     # Continuing from the rolled-back caches gives the logits of a fresh forward over the whole sequence.
     sequence = prompt + out.tokens
-    target_cache, draft_cache = out.caches
+    target_cache, draft_cache = caches
     assert target_cache.get_seq_length() == len(sequence) - 1
     for model, cache in ((target, target_cache), (draft, draft_cache)):
         feed = sequence[cache.get_seq_length():]
-        continued = sd.timed_forward(model, feed, cache, 1, [], "x", "cpu")[-1]
+        continued = spec.timed_forward(model, feed, cache, trace=[], role="x", device="cpu")[-1]
         torch.testing.assert_close(continued, last_logits(model, sequence), atol=1e-4, rtol=1e-4)
 
 
@@ -144,10 +145,10 @@ def test_rollback_drops_exactly_the_rejected_tokens(models):
     from transformers import DynamicCache
     cache = DynamicCache()
     ids = random_prompts(1, seed=5)[0]
-    sd.timed_forward(models["target"], ids + [5, 6, 7], cache, 1, [], "x", "cpu")
-    sd.rollback(cache, len(ids))
+    spec.timed_forward(models["target"], ids + [5, 6, 7], cache, trace=[], role="x", device="cpu")
+    spec.rollback(cache, len(ids))
     assert cache.get_seq_length() == len(ids)
-    continued = sd.timed_forward(models["target"], [9], cache, 1, [], "x", "cpu")[-1]
+    continued = spec.timed_forward(models["target"], [9], cache, trace=[], role="x", device="cpu")[-1]
     torch.testing.assert_close(continued, last_logits(models["target"], ids + [9]), atol=1e-4, rtol=1e-4)
 
 
@@ -174,7 +175,7 @@ def test_accept_rule_keeps_the_target_distribution_at_every_position():
     counts = torch.zeros(k + 1, vocab)
     for _ in range(n_trials):
         drafts = [int(torch.multinomial(q[i], 1, generator=generator)) for i in range(k)]
-        n, token = sd.accept_drafts(p_logits, [q[i] for i in range(k)], drafts, 1.0, generator)
+        n, token = spec.accept_drafts(p_logits, [q[i] for i in range(k)], drafts, 1.0, generator)
         for position, emitted in enumerate(drafts[:n] + [token]):
             counts[position, emitted] += 1
     for position in range(k + 1):  # position i is reached only when the drafts before it were accepted
@@ -205,7 +206,7 @@ def test_sampling_end_to_end_matches_the_target_distribution(models):
     bins = marginal.topk(15).indices
     counts, n_accepted = torch.zeros(vocab), 0
     for seed in range(n_runs):
-        out = sd.speculative_generate(target, draft, prompt, max_new_tokens=4, k=2, temperature=temperature,
+        out = spec.speculative_generate(target, draft, prompt, max_new_tokens=4, k=2, temperature=temperature,
                                       seed=seed)
         assert out.steps[0]["k"] == 2
         counts[out.tokens[1]] += 1
@@ -250,11 +251,11 @@ def test_padded_embedding_rows_are_aligned(models):
     wide_target.resize_token_embeddings(512)  # more rows than the draft
     prompt = random_prompts(1, seed=9)[0]
     for t, d in ((target, wide_draft), (wide_target, models["noisy"])):
-        reference = sd.reference_generate(t, prompt, max_new_tokens=20)
-        assert sd.speculative_generate(t, d, prompt, max_new_tokens=20, k=4).tokens == reference.tokens
+        reference = spec.reference_generate(t, prompt, max_new_tokens=20)
+        assert spec.speculative_generate(t, d, prompt, max_new_tokens=20, k=4).tokens == reference.tokens
     logits = torch.randn(2, 10)
-    assert sd.align_vocab(logits, 8).shape == (2, 8)
-    padded = sd.align_vocab(logits, 12)
+    assert spec.align_vocab(logits, 8).shape == (2, 8)
+    padded = spec.align_vocab(logits, 12)
     assert padded.shape == (2, 12) and torch.isinf(padded[:, 10:]).all()
 
 
@@ -270,9 +271,9 @@ def simulate_adaptive(adaptive, accept, n_steps: int) -> list:
 
 
 def test_adaptive_k_speculates_while_it_pays_and_falls_back_to_plain_decoding():
-    passing = simulate_adaptive(sd.AdaptiveK(k_max=6), accept=lambda k: k, n_steps=12)
+    passing = simulate_adaptive(spec.AdaptiveK(k_max=6), accept=lambda k: k, n_steps=12)
     assert passing == [0] + [6] * 11  # first a plain step to measure the 1-token cost, then up to k_max
-    failing = simulate_adaptive(sd.AdaptiveK(k_max=6), accept=lambda k: 0, n_steps=60)
+    failing = simulate_adaptive(spec.AdaptiveK(k_max=6), accept=lambda k: 0, n_steps=60)
     assert failing[:2] == [0, 6]
     switched = failing.index(0, 1)  # the first plain step after speculation stopped paying
     assert switched <= 8 and failing[switched:].count(0) >= 50  # plain decoding from then on,
@@ -282,7 +283,7 @@ def test_adaptive_k_speculates_while_it_pays_and_falls_back_to_plain_decoding():
 
 
 def test_adaptive_stop_rule_prices_one_more_draft():
-    adaptive = sd.AdaptiveK(k_max=6)
+    adaptive = spec.AdaptiveK(k_max=6)
     simulate_adaptive(adaptive, accept=lambda k: k, n_steps=6)  # c = 0.1, s = 0.05, rate (6 + 1) / 1.9
     rate = adaptive.rate
     assert 1.25 < rate < 7 / 1.9
@@ -290,11 +291,11 @@ def test_adaptive_stop_rule_prices_one_more_draft():
 
 
 def test_expected_speedup_and_break_even():
-    assert sd.expected_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
-    assert sd.expected_speedup(0.0, 4, 0.25) == pytest.approx(0.5)
-    alpha = sd.break_even_alpha(4, 0.3)
-    assert 0 < alpha < 1 and sd.expected_speedup(alpha, 4, 0.3) == pytest.approx(1.0, abs=1e-6)
-    assert sd.break_even_alpha(3, 1.0) is None  # a draft as costly as the target never pays
+    assert spec.expected_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
+    assert spec.expected_speedup(0.0, 4, 0.25) == pytest.approx(0.5)
+    alpha = spec.break_even_alpha(4, 0.3)
+    assert 0 < alpha < 1 and spec.expected_speedup(alpha, 4, 0.3) == pytest.approx(1.0, abs=1e-6)
+    assert spec.break_even_alpha(3, 1.0) is None  # a draft as costly as the target never pays
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -302,16 +303,16 @@ def test_on_cuda_greedy_is_exact_and_a_4bit_target_runs(models):
     """The GPU paths: device-side sampling generator, synchronised timers, a bitsandbytes 4-bit target."""
     target, draft = copy.deepcopy(models["target"]).cuda(), copy.deepcopy(models["noisy"]).cuda()
     for prompt in random_prompts(3, seed=4):
-        reference = sd.reference_generate(target, prompt, max_new_tokens=20, device="cuda")
-        out = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=4, device="cuda")
+        reference = spec.reference_generate(target, prompt, max_new_tokens=20, device="cuda")
+        out = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, k=4, device="cuda")
         assert out.tokens == reference.tokens
-        sampled = sd.speculative_generate(target, draft, prompt, max_new_tokens=20, k=4, temperature=1.0,
-                                          device="cuda", adaptive=sd.AdaptiveK())
+        sampled = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, temperature=1.0,
+                                            device="cuda", k=spec.AdaptiveK())
         assert len(sampled.tokens) == 20
     quantized = common.load_model(str(models["target_path"]), device="cuda", dtype="bfloat16", quantize="4bit",
                                   log=lambda *_: None)
     prompt = random_prompts(1, seed=8)[0]
-    out = sd.speculative_generate(quantized.model, draft.to(torch.bfloat16), prompt, max_new_tokens=16, k=3,
+    out = spec.speculative_generate(quantized.model, draft.to(torch.bfloat16), prompt, max_new_tokens=16, k=3,
                                   device="cuda")
     assert len(out.tokens) == 16 and out.steps
 
@@ -341,16 +342,35 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
     assert code == 0, out
     record = json.loads(next(results_dir.glob("speculative-*.json")).read_text())
     assert record["kind"] == "speculative" and record["dtype"] == "float32"
-    assert record["draft"]["quantization"] == ("int8-dynamic" if sd.int8_draft_supported() else "none")
-    if sd.int8_draft_supported():  # the identity counts the int8 copies, not the float weights they replaced
+    int8 = cpu_kernels.int8_problem() is None
+    assert record["draft"]["quantization"] == ("int8-dynamic" if int8 else "none")
+    if int8:  # the identity counts the int8 copies, not the float weights they replaced
         assert 0 < record["draft"]["weight_bytes"] < record["target"]["weight_bytes"]
     assert set(record["methods"]) == set(sd.METHODS)
     assert record["lossless"]["checked"] and record["lossless"]["n_runs"] == 2 + 2 + 4
     assert record["lossless"]["n_identical"] == record["lossless"]["n_runs"]
     assert [row["k"] for row in record["k_sweep"]] == [1, 4]
     assert record["methods"]["ours"]["acceptance_rate"] > 0 and record["cost"]["cost_ratio"] > 0
-    assert "lossless check (float32), ours: 8/8" in out
+    ratios = record["ratios"]
+    assert record["ours_method"] == "ours_adaptive" and "notes" not in record and set(ratios) == set(sd.METHODS)
+    for method, row in ratios.items():  # one paired computation behind the table's speedup and the ratios
+        assert row["vs_target"] == record["methods"][method]["speedup"] and len(row["vs_assisted_by_prompt"]) == 2
+    assert ratios["assisted"]["vs_assisted"] == pytest.approx(1.0)
+    assert max(ratios["target_only"]["vs_target"], ratios["target_generate"]["vs_target"]) <= 1.0
+    assert "lossless check (float32), ours: 8/8" in out and "note: draft/target cost ratio" in out
     assert "[" in out and "draft token accepted" in out  # plain-text markers, since stdout is not a terminal
+
+
+def test_replay_tool_runs_on_a_tiny_pair(models, tmp_path, capsys):
+    """The replay tool reaches the demo's loading and the algorithm through keyword calls, no fake argv."""
+    import runpy
+    main = runpy.run_path(str(REPO / "benchmarks" / "speculative_replay.py"))["main"]
+    target = str(models["target_path"])
+    assert main(["--draft", target, "--target", target, "--draft-weights", "same", "--n-prompts", "1",
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "draft agreement along the target's path: code 1.00" in out  # the target drafting for itself
+    assert "adaptive k (max 16)" in out and "fixed k=8" in out
 
 
 def test_replay_prices_drafting_rules_on_a_recorded_path():
@@ -358,18 +378,48 @@ def test_replay_prices_drafting_rules_on_a_recorded_path():
     replay = runpy.run_path(str(REPO / "benchmarks" / "speculative_replay.py"))["replay"]
     perfect = {"tokens": list(range(41)), "guesses": list(range(41)), "confidences": [1.0] * 41}
     assert replay(perfect, 0.0, 0.0, {"cap": 4}) == pytest.approx(40 / 8)  # 8 free steps of 4 drafts + 1 bonus
-    assert replay(perfect, 0.25, 0.05, sd.AdaptiveK(k_max=16)) > 2.5  # a perfect cheap draft: long runs
+    assert replay(perfect, 0.25, 0.05, spec.AdaptiveK(k_max=16)) > 2.5  # a perfect cheap draft: long runs
     useless = {"tokens": list(range(81)), "guesses": [-1] * 81, "confidences": [0.9] * 81}
     assert replay(useless, 0.25, 0.05, {"cap": 4}) < 0.5  # 4 wasted drafts per token
-    assert 0.85 < replay(useless, 0.25, 0.05, sd.AdaptiveK(k_max=16)) <= 1.0  # falls back to the target alone
+    assert 0.85 < replay(useless, 0.25, 0.05, spec.AdaptiveK(k_max=16)) <= 1.0  # falls back to the target alone
 
 
-def test_benchmark_help_is_fast():
-    code = ("import runpy, sys; sys.argv = ['speculative_vs_assisted.py', '--help']\n"
-            f"try:\n    runpy.run_path({str(REPO / 'benchmarks' / 'speculative_vs_assisted.py')!r},"
-            " run_name='__main__')\n"
-            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "assert 'torch' not in sys.modules\n")
+BAD_VALUES = [["--max-new-tokens", "-5"], ["--repeats", "0"], ["--threads", "-1"], ["--dtype", "bogus"],
+              ["--device", "gpu"], ["--k", "0"], ["--k-max", "-1"], ["--k-sweep", "2,0"], ["--n-prompts", "9"],
+              ["--methods", "ours"], ["--methods", "target_only,bogus"], ["--temperature", "-1"],
+              ["--target-quantize", "2bit"], ["--seed", "x"]]
+
+
+def test_bad_values_exit_2_with_one_error_line_before_torch_loads():
+    code = ("import sys, speculative_demo as sd\n"
+            f"for argv in {BAD_VALUES!r}:\n"
+            "    try:\n        sd.parse_args(argv)\n    except SystemExit as e:\n        assert e.code == 2, argv\n"
+            "    else:\n        raise AssertionError(argv)\n"
+            "assert 'torch' not in sys.modules, 'torch imported before the flags were checked'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == len(BAD_VALUES) and "Traceback" not in result.stderr
+    assert "--max-new-tokens: '-5' must be at least 1" in result.stderr and "'gpu'" in result.stderr
+
+
+def test_unwritable_results_folder_is_refused_before_loading(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # models that do not exist: had the models been looked at first, the error would name them
+    assert sd.main(["--draft", "no-such-draft", "--target", "no-such-target", "--results-dir", str(blocker)]) == 2
+    error = capsys.readouterr().err
+    assert "results folder" in error and str(blocker) in error and "no-such" not in error
+
+
+def test_assisted_defaults_read_transformers_private_defaults():
+    """assisted_defaults() reads GenerationConfig._get_default_generation_params, a private helper checked on
+    transformers spec.TRANSFORMERS_VERIFIED. If this fails after an upgrade, the record's assisted_defaults go None."""
+    import transformers
+    from transformers import GenerationConfig
+    assert hasattr(GenerationConfig, "_get_default_generation_params"), (
+        f"transformers {transformers.__version__} dropped _get_default_generation_params (checked on "
+        f"{spec.TRANSFORMERS_VERIFIED}); update speculative.assisted_defaults")
+    assert spec.assisted_defaults(GenerationConfig()) == {
+        "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4}
+    assert spec.assisted_defaults(GenerationConfig(num_assistant_tokens=7))["num_assistant_tokens"] == 7
