@@ -31,7 +31,6 @@ from pathlib import Path
 
 import common
 
-DATA_DIR = common.REPO_DIR / "data"
 RUNS_DIR = common.REPO_DIR / "runs"
 TASK_NAME = "order-records"
 # The instruction the model sees. It says "JSON" so that base models at least try; the house format itself
@@ -42,12 +41,17 @@ META_FILE = "finetune_meta.json"  # written next to the adapter: base model, dat
 # What --eval-adapter takes from META_FILE (unless given again) to re-measure exactly as the training run did.
 META_SETTINGS = ("model", "heldout_file", "max_new_tokens", "quantize", "dtype", "device", "eval_batch_size")
 PARTS_FILE = "train_so_far.json"  # an interrupted run's training figures, which --resume adds its own to
-TRAIN_FILE = DATA_DIR / "finetune_train.jsonl"
-HELDOUT_FILE = DATA_DIR / "finetune_heldout.jsonl"
+TRAIN_FILE = common.REPO_DIR / "data" / "finetune_train.jsonl"
+HELDOUT_FILE = common.REPO_DIR / "data" / "finetune_heldout.jsonl"
 EVAL_BATCH_SIZE = 25  # held-out prompts generated together; the whole set is 2 batches
 ANSWER_SLACK_TOKENS = 16  # default answer cap: the longest held-out answer plus this
 N_SAMPLES_SHOWN = 4
 STOP_FLAG = {"requested": False}  # set by the first Ctrl-C; the trainer callback then checkpoints and stops
+
+
+def setting(default, kind, text: str):
+    """A Recipe field with its command-line type and help, so its default is written once for both scripts."""
+    return dataclasses.field(default=default, metadata={"type": kind, "help": text})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +59,27 @@ class Recipe:
     """The training run: the command line's defaults, and what benchmarks/finetune_vs_trl.py gives both arms."""
     # Rank 16 on every linear projection is the QLoRA paper's recipe; for a 1.1B model in 4 bits that is ~12M
     # trainable parameters and well under 8 GB at batch 4 x ~80 tokens.
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
+    lora_rank: int = setting(16, common.positive_int, "LoRA rank r")
+    lora_alpha: float = setting(32.0, common.positive_float, "LoRA scaling numerator (scale = alpha / rank)")
     # 0: with 100 examples x 2 epochs there is little to regularise, and the dropout mask on every adapted
     # layer costs ~10% of a CPU step.
-    lora_dropout: float = 0.0
-    target_modules: str = "all-linear"
+    lora_dropout: float = setting(0.0, common.probability, "dropout on the LoRA input")
+    target_modules: str = setting("all-linear", str, "all-linear or a comma list, e.g. q_proj,v_proj")
     # 2 epochs x batch 4 = 50 steps: Qwen2.5-0.5B reaches ~0 loss within one epoch, SmolLM2-135M gains little
     # from a third epoch, and on CPU every epoch costs a minute or more.
-    epochs: float = 2.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-3  # peak of a cosine schedule; LoRA tolerates a high one
-    warmup_steps: float = 0.1  # below 1: a share of all steps
-    max_length: int = 256  # tokens; our examples are ~60-90
-    padding_free: bool = False  # see sft_config
-    gradient_checkpointing: bool = False  # ~80-token sequences: recomputing activations would only cost time
-    seed: int = 0
+    epochs: float = setting(2.0, common.positive_float, "passes over the training set")
+    batch_size: int = setting(4, common.positive_int, "examples per optimizer micro-step")
+    grad_accum: int = setting(1, common.positive_int, "micro-steps per optimizer step")
+    lr: float = setting(1e-3, common.positive_float, "peak learning rate (cosine decay); LoRA tolerates a high one")
+    warmup_steps: float = setting(0.1, common.non_negative_float,
+                                  "learning-rate warm-up steps (below 1: share of all steps)")
+    max_length: int = setting(256, common.positive_int, "longest training sequence in tokens (ours are ~60-90)")
+    padding_free: bool = setting(False, bool, "flatten each batch into one sequence instead of padding it "
+                                              "(pays off with flash-attn, not on CPU: see sft_config)")
+    # Our sequences are ~80 tokens: recomputing activations (trl's default) would only cost time.
+    gradient_checkpointing: bool = setting(False, bool, "recompute activations in the backward pass (saves "
+                                                        "memory, costs ~30%% time)")
+    seed: int = setting(0, common.non_negative_int, "training seed")
 
 
 DEFAULTS = Recipe()
@@ -361,9 +369,8 @@ def make_progress_callback(console, monitor, device: str, cpu_threads=None):
     class ProgressCallback(TrainerCallback):
         def __init__(self):
             self.loss_curve, self.step_sec, self.progress = [], [], None
-            self.step_start = 0.0
+            self.step_start = self.last_tokens_per_sec = 0.0
             self.tokens_at_start = self.tokens_at_step_start = 0
-            self.last_tokens_per_sec = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.tokens_at_start = state.num_input_tokens_seen
@@ -485,31 +492,23 @@ def train(loaded, examples: list[dict], *, recipe: Recipe, output_dir: Path, res
     with monitor, checkpoint_on_interrupt(console):
         trainer.train(resume_from_checkpoint=resume_from)
     common.sync(loaded.device)
-    memory = monitor.result()
     # cpu_sec (all threads of this process) is the figure a busy shared machine disturbs least.
     part = {"train_sec": time.perf_counter() - start, "cpu_sec": time.process_time() - cpu_start,
             "n_tokens": trainer.state.num_input_tokens_seen - callback.tokens_at_start,
             "step_sec_samples": callback.step_sec, "loss_curve": callback.loss_curve,
-            "cpu_thread_changes": cpu_threads.changes if cpu_threads else [], "n_parts": 1,
-            **{key: memory[key] for key in ("peak_rss_bytes", "peak_vram_allocated_bytes", "peak_vram_reserved_bytes")}}
+            "cpu_thread_changes": cpu_threads.changes if cpu_threads else [], "n_parts": 1, **monitor.result()}
     for key, value in earlier.items():  # sums, concatenated lists, and the larger peak
         part[key] = max((v for v in (value, part[key]) if v is not None), default=None) if key.startswith("peak_") \
             else value + part[key]
     if STOP_FLAG["requested"]:
         common.write_json_atomic(output_dir / PARTS_FILE, {"step": trainer.state.global_step, "train": part})
     curve, steps = part["loss_curve"], part["step_sec_samples"]
-    record = {
-        "train_sec": part["train_sec"], "cpu_sec": part["cpu_sec"], "n_steps": trainer.state.global_step,
-        "n_examples": len(examples), "n_epochs": recipe.epochs, "n_parts": part["n_parts"],
-        "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
-        "n_tokens": part["n_tokens"], "tokens_per_sec": part["n_tokens"] / part["train_sec"] if part["train_sec"] else None,
-        "step_sec_mean": statistics.fmean(steps) if steps else None, "step_sec_samples": steps,
-        "peak_rss_bytes": part["peak_rss_bytes"], "peak_vram_allocated_bytes": part["peak_vram_allocated_bytes"],
-        "peak_vram_reserved_bytes": part["peak_vram_reserved_bytes"],
-        "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None, "loss_curve": curve,
-        "completion_only_loss": completion_check, "interrupted": STOP_FLAG["requested"],
-        "cpu_thread_changes": part["cpu_thread_changes"],
-    }
+    record = {**part, "n_steps": trainer.state.global_step, "n_examples": len(examples), "n_epochs": recipe.epochs,
+              "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
+              "tokens_per_sec": part["n_tokens"] / part["train_sec"] if part["train_sec"] else None,
+              "step_sec_mean": statistics.fmean(steps) if steps else None,
+              "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
+              "completion_only_loss": completion_check, "interrupted": STOP_FLAG["requested"]}
     return {"trainer": trainer, "model": trainer.model, "record": record, "initial_weights": initial}
 
 
@@ -523,22 +522,20 @@ def print_summary(console, before: dict, after: dict, train_record: dict, sample
         table.add_row(label, f"{row['metric']:.1%} ({row['n_exact']}/{row['n']})", f"{row['field_f1']:.1%}",
                       f"{row['json_valid_rate']:.0%}", f"{row['heldout_loss']:.3f}")
     console.print(table)
-    if train_record:
-        t = train_record
-        parts = f" (totals over {t['n_parts']} runs)" if t["n_parts"] > 1 else \
-            f" (resumed part only, from step {t['resumed_from_step']})" if t["resumed_from_step"] else ""
-        console.print(f"Training{parts}: {t['n_steps']} steps in {t['train_sec']:.1f} s, "
-                      f"{t['tokens_per_sec'] or 0:,.0f} tok/s, loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}, "
-                      f"peak RSS {common.human_bytes(t['peak_rss_bytes'])}"
-                      + (f", peak VRAM {common.human_bytes(t['peak_vram_allocated_bytes'])}"
-                         if t.get("peak_vram_allocated_bytes") else ""))
-    if samples:
-        sample_table = Table(title="Sample held-out outputs", show_lines=True)
-        for column in ("input", "expected", "before", "after"):
-            sample_table.add_column(column, overflow="fold")
-        for sample in samples:
-            sample_table.add_row(sample["input"], sample["expected"], sample["before"], sample["after"])
-        console.print(sample_table)
+    t = train_record
+    parts = f" (totals over {t['n_parts']} runs)" if t["n_parts"] > 1 else \
+        f" (resumed part only, from step {t['resumed_from_step']})" if t["resumed_from_step"] else ""
+    console.print(f"Training{parts}: {t['n_steps']} steps in {t['train_sec']:.1f} s, "
+                  f"{t['tokens_per_sec'] or 0:,.0f} tok/s, loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}, "
+                  f"peak RSS {common.human_bytes(t['peak_rss_bytes'])}"
+                  + (f", peak VRAM {common.human_bytes(t['peak_vram_allocated_bytes'])}"
+                     if t.get("peak_vram_allocated_bytes") else ""))
+    sample_table = Table(title="Sample held-out outputs", show_lines=True)
+    for column in ("input", "expected", "before", "after"):
+        sample_table.add_column(column, overflow="fold")
+    for sample in samples:
+        sample_table.add_row(*(sample[key] for key in ("input", "expected", "before", "after")))
+    console.print(sample_table)
 
 
 def pick_samples(examples, before_answers, after_answers) -> list[dict]:
@@ -576,13 +573,11 @@ def match_saved_adapter_dtypes(model, adapter_dir: Path) -> None:
                 param.data = param.data.to(torch.bfloat16)
 
 
-def saved_settings(adapter_dir: Path) -> dict:
-    """The training run's settings that --eval-adapter re-measures with (META_SETTINGS from META_FILE)."""
+def read_meta(adapter_dir: Path) -> dict:
+    """What the training run saved next to its adapter ({} when nothing); refuses a folder with no adapter."""
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise common.UserError(f"{adapter_dir} holds no adapter_config.json, so it is not a saved adapter.")
-    meta_file = Path(adapter_dir) / META_FILE
-    meta = common.read_json(meta_file) if meta_file.is_file() else {}
-    return {key: str(meta[key]) if key.endswith("_file") else meta[key] for key in META_SETTINGS if key in meta}
+    return common.read_json(Path(adapter_dir) / META_FILE) if (Path(adapter_dir) / META_FILE).is_file() else {}
 
 
 def eval_adapter(adapter_dir: Path, *, model: str, heldout_file: Path, device: str, dtype: str, quantize: str,
@@ -591,8 +586,7 @@ def eval_adapter(adapter_dir: Path, *, model: str, heldout_file: Path, device: s
     training run's (or it saved none), 1 when not."""
     from peft import PeftModel
     adapter_dir = Path(adapter_dir)
-    saved_settings(adapter_dir)  # refuses a folder that holds no adapter, before anything loads
-    meta = common.read_json(adapter_dir / META_FILE) if (adapter_dir / META_FILE).is_file() else {}
+    meta = read_meta(adapter_dir)
     heldout = load_jsonl(heldout_file)
     loaded, cpu_threads = load_for_finetune(model, device=device, dtype=dtype, quantize=quantize,
                                             max_length=Recipe.max_length, models_dir=models_dir, threads=threads,
@@ -708,7 +702,6 @@ def finetune(*, model: str, recipe: Recipe, train_file: Path, heldout_file: Path
 # -------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None, saved: dict | None = None):
     """saved: settings that replace the defaults (--eval-adapter's training run); the command line still wins."""
-    import argparse
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, local folder, .gguf or hub id")
     parser.add_argument("--device", default="auto", choices=common.DEVICE_CHOICES, help="where to train")
@@ -720,34 +713,12 @@ def parse_args(argv=None, saved: dict | None = None):
     parser.add_argument("--heldout-file", type=Path, default=HELDOUT_FILE, help="held-out examples (JSON lines)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="checkpoints and adapter; when not given, runs/finetune-<model>")
-    parser.add_argument("--lora-rank", type=common.positive_int, default=DEFAULTS.lora_rank, help="LoRA rank r")
-    parser.add_argument("--lora-alpha", type=common.positive_float, default=DEFAULTS.lora_alpha,
-                        help="LoRA scaling numerator (scale = alpha / rank)")
-    parser.add_argument("--lora-dropout", type=common.probability, default=DEFAULTS.lora_dropout,
-                        help="dropout on the LoRA input")
-    parser.add_argument("--target-modules", default=DEFAULTS.target_modules,
-                        help="all-linear or a comma list, e.g. q_proj,v_proj")
-    parser.add_argument("--epochs", type=common.positive_float, default=DEFAULTS.epochs, help="passes over the data")
-    parser.add_argument("--batch-size", type=common.positive_int, default=DEFAULTS.batch_size,
-                        help="examples per optimizer micro-step")
-    parser.add_argument("--grad-accum", type=common.positive_int, default=DEFAULTS.grad_accum,
-                        help="micro-steps per optimizer step")
-    parser.add_argument("--lr", type=common.positive_float, default=DEFAULTS.lr,
-                        help="peak learning rate (cosine decay); LoRA tolerates a high one")
-    parser.add_argument("--warmup-steps", type=common.non_negative_float, default=DEFAULTS.warmup_steps,
-                        help="learning-rate warm-up steps (below 1: share of all steps)")
-    parser.add_argument("--max-length", type=common.positive_int, default=DEFAULTS.max_length,
-                        help="longest training sequence in tokens (our examples are ~60-90)")
-    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=DEFAULTS.padding_free,
-                        help="flatten each batch into one sequence instead of padding it (pays off with flash-attn)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                        default=DEFAULTS.gradient_checkpointing,
-                        help="recompute activations in the backward pass (saves memory, costs ~30%% time)")
+    add_recipe_flags(parser)
     parser.add_argument("--eval-batch-size", type=common.positive_int, default=EVAL_BATCH_SIZE,
                         help="held-out prompts generated together")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=None,
-                        help=f"answer length cap; when not given, the longest held-out answer + {ANSWER_SLACK_TOKENS} tokens")
-    parser.add_argument("--seed", type=common.non_negative_int, default=DEFAULTS.seed, help="training seed")
+                        help=f"answer length cap; when not given, the longest held-out answer + "
+                             f"{ANSWER_SLACK_TOKENS} tokens")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     parser.add_argument("--eval-adapter", type=Path, default=None, metavar="DIR",
                         help="only reload this saved adapter and measure the held-out set")
@@ -758,8 +729,21 @@ def parse_args(argv=None, saved: dict | None = None):
     return parser.parse_args(argv)
 
 
+def add_recipe_flags(parser, names=None) -> None:
+    """Recipe's fields (all, or those named) as flags with Recipe's defaults, for this script and the benchmark."""
+    import argparse
+    for field in dataclasses.fields(Recipe):
+        if names is None or field.name in names:
+            kind = field.metadata["type"]
+            how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+            parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default,
+                                help=field.metadata["help"], **how)
+
+
 def recipe_from(args) -> Recipe:
-    return Recipe(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)})
+    """The Recipe a parsed command line asks for (fields it has no flag for keep their defaults)."""
+    return dataclasses.replace(DEFAULTS, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+                                            if hasattr(args, f.name)})
 
 
 def quiet_libraries() -> None:
@@ -780,7 +764,8 @@ def main(argv=None) -> int:
     def body(argv):
         args = parse_args(argv)
         if args.eval_adapter:  # re-measure as the training run did, unless this command line says otherwise
-            args = parse_args(argv, saved=saved_settings(args.eval_adapter))
+            meta = read_meta(args.eval_adapter)
+            args = parse_args(argv, saved={key: meta[key] for key in META_SETTINGS if key in meta})
         console = common.make_console()
         settings = {"model": args.model, "heldout_file": args.heldout_file, "device": args.device,
                     "dtype": args.dtype, "quantize": args.quantize, "models_dir": args.models_dir,

@@ -9,9 +9,10 @@ padded to their longest sequence, TRL's fused LM head, torch's default threads).
 with two of our settings (bf16 weights, no gradient checkpointing) but TRL's own loss and fixed threads, to show
 how much of the gain is settings and how much is our answer-only loss and idle-core thread count.
 
-Each run is its own process (peak RSS is a per-process high-water mark) and the arms alternate, with the order
-flipped every round, because the machine is shared: ratios are taken within a round, then the median over rounds.
-Both arms' adapters are scored with finetune_demo's held-out scorer (greedy, same max_new_tokens).
+Each run is its own spawned process calling finetune_demo's functions (peak RSS is a per-process high-water
+mark) and the arms alternate, with the order flipped every round, because the machine is shared: ratios are taken
+within a round, then the median over rounds. Both arms train on CPU, with finetune_demo's defaults (its Recipe)
+unless flags here change them, and are scored with finetune_demo's held-out scorer (greedy, same max_new_tokens).
 
     python benchmarks/finetune_vs_trl.py                                  # SmolLM2-135M, 1 round (~3 min, quiet 2 cores)
     python benchmarks/finetune_vs_trl.py --model qwen-coder-0.5b --repeats 2   # ~5 min per round
@@ -19,7 +20,6 @@ Both arms' adapters are scored with finetune_demo's held-out scorer (greedy, sam
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -37,6 +37,8 @@ import finetune_demo  # noqa: E402  (light at import: its heavy imports live ins
 
 TARGET_TIME_RATIO = 0.8  # ours / plain TRL training time must be at most this
 ARMS = ("trl", "trl-tuned", "ours")
+# The Recipe fields both arms apply; TRL's quick start keeps its own defaults for the rest.
+SHARED_RECIPE = ("epochs", "batch_size", "lr", "warmup_steps", "lora_rank", "lora_alpha", "lora_dropout", "seed")
 
 
 # ------------------------------------------------------------------------------------------------ the arms
@@ -56,8 +58,8 @@ def trl_arm(*, model: str, recipe, train_file: Path, heldout_file: Path, models_
     config = SFTConfig(output_dir=str(work_dir / "trl"), num_train_epochs=recipe.epochs,
                        per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.lr,
                        lr_scheduler_type="cosine", warmup_steps=recipe.warmup_steps, seed=recipe.seed,
-                       report_to="none", save_strategy="no", use_cpu=True,  # TRL refuses bf16 on a GPU-less machine without it
-                       **tuned_settings)
+                       report_to="none", save_strategy="no",
+                       use_cpu=True, **tuned_settings)  # TRL refuses bf16 on a GPU-less machine without use_cpu
     trainer = SFTTrainer(model=resolved.source, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=finetune_demo.lora_config(recipe))
     monitor = common.MemoryMonitor("cpu", interval_sec=0.05)
@@ -170,17 +172,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, local folder or hub id")
     parser.add_argument("--arms", default="trl,ours", help=f"comma list from {', '.join(ARMS)}; trl is required")
     parser.add_argument("--repeats", type=common.positive_int, default=1, help="rounds; each runs every arm once")
-    # The run both arms do: finetune_demo's own defaults (finetune_demo.DEFAULTS), so the baseline gets the same.
-    defaults = finetune_demo.DEFAULTS
-    parser.add_argument("--epochs", type=common.positive_float, default=defaults.epochs, help="passes over the data")
-    parser.add_argument("--batch-size", type=common.positive_int, default=defaults.batch_size, help="examples per step")
-    parser.add_argument("--lr", type=common.positive_float, default=defaults.lr, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=common.non_negative_float, default=defaults.warmup_steps,
-                        help="learning-rate warm-up steps (below 1: share of all steps)")
-    parser.add_argument("--lora-rank", type=common.positive_int, default=defaults.lora_rank, help="LoRA rank r")
-    parser.add_argument("--lora-alpha", type=common.positive_float, default=defaults.lora_alpha, help="LoRA alpha")
-    parser.add_argument("--lora-dropout", type=common.probability, default=defaults.lora_dropout, help="LoRA dropout")
-    parser.add_argument("--seed", type=common.non_negative_int, default=defaults.seed, help="training seed")
+    # The run both arms do, with finetune_demo's own flags and defaults (the TRL arm has no use for the others).
+    finetune_demo.add_recipe_flags(parser, SHARED_RECIPE)
     parser.add_argument("--train-file", type=Path, default=finetune_demo.TRAIN_FILE, help="training examples")
     parser.add_argument("--heldout-file", type=Path, default=finetune_demo.HELDOUT_FILE, help="held-out examples")
     parser.add_argument("--eval-batch-size", type=common.positive_int, default=finetune_demo.EVAL_BATCH_SIZE,
@@ -202,10 +195,7 @@ def main(argv=None) -> int:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         if "trl" not in arms or not set(arms) <= set(ARMS):
             raise common.UserError(f"--arms must include trl and name only {', '.join(ARMS)}.")
-        recipe = dataclasses.replace(finetune_demo.DEFAULTS, **{
-            key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "warmup_steps", "lora_rank",
-                                                "lora_alpha", "lora_dropout", "seed")})
-        settings = {"model": args.model, "recipe": recipe, "train_file": args.train_file,
+        settings = {"model": args.model, "recipe": finetune_demo.recipe_from(args), "train_file": args.train_file,
                     "heldout_file": args.heldout_file, "models_dir": args.models_dir,
                     "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens}
         for data_file in (args.train_file, args.heldout_file):

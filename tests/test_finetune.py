@@ -80,8 +80,8 @@ BAD_FLAGS = [["--epochs", "-1"], ["--epochs", "nan"], ["--batch-size", "0"], ["-
 
 @pytest.mark.parametrize("flags", BAD_FLAGS, ids=lambda f: " ".join(f))
 def test_bad_flag_exits_2_with_one_error_line_before_torch(flags):
-    code = ("import sys, finetune_demo\n"
-            f"try:\n    finetune_demo.main({flags!r})\nexcept SystemExit as e:\n    sys.stderr.write(f'exit {{e.code}}')\n"
+    code = (f"import sys, finetune_demo\ntry:\n    finetune_demo.main({flags!r})\n"
+            "except SystemExit as e:\n    sys.stderr.write(f'exit {e.code}')\n"
             "assert 'torch' not in sys.modules, 'torch imported before the flags were checked'\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
@@ -101,7 +101,8 @@ def test_non_utf8_training_file_is_named_by_line(tmp_path, capsys):
                     .encode("latin-1"))
     assert finetune_demo.main(["--train-file", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{bad}:2: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("flag", ["--results-dir", "--output-dir"])
