@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -611,6 +612,48 @@ def paired_ratios(values: dict, baselines: dict) -> dict:
     return {"by_prompt": by_prompt, "geomean": geometric_mean(by_prompt)}
 
 
+def mean_stderr(values: list[float]) -> float:
+    """Standard error of the mean with the sample (n-1) standard deviation, as lm-eval's `acc_stderr`."""
+    if len(values) < 2:
+        return float("nan")
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def wilson_interval(n_correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion: stays inside [0, 1] and is honest at small n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = n_correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if n_correct == 0 else max(0.0, center - half)  # exact ends: no 1e-17 rounding dust
+    high = 1.0 if n_correct == n else min(1.0, center + half)
+    return low, high
+
+
+def accuracy_block(n_correct: int, n: int) -> dict:
+    """Accuracy with lm-eval's stderr and a Wilson 95% interval."""
+    accuracy = n_correct / n if n else float("nan")
+    stderr = math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else float("nan")
+    low, high = wilson_interval(n_correct, n)
+    return {"n": n, "n_correct": n_correct, "accuracy": accuracy, "stderr": stderr, "ci95_low": low, "ci95_high": high}
+
+
+def macro_block(blocks: list[dict]) -> dict:
+    """Unweighted mean over subjects; its stderr combines theirs (independent samples), normal 95% interval."""
+    accuracies = [b["accuracy"] for b in blocks]
+    accuracy = statistics.fmean(accuracies) if accuracies else float("nan")
+    stderr = math.sqrt(sum(b["stderr"] ** 2 for b in blocks)) / len(blocks) if blocks else float("nan")
+    return {"n_subjects": len(blocks), "accuracy": accuracy, "stderr": stderr,
+            "ci95_low": accuracy - Z_95 * stderr, "ci95_high": accuracy + Z_95 * stderr}
+
+
+def mean_stddev(samples: list[float]) -> tuple[float, float]:
+    if not samples:
+        return float("nan"), float("nan")
+    return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else 0.0
+
+
 def sync(device: str) -> None:
     """Wait for queued GPU work so a clock reads the real time."""
     import torch
@@ -791,10 +834,11 @@ def read_json(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def run_cli(main_body, argv=None) -> int:
-    """Run a script's main body: expected failures become one sentence on stderr and exit code 2."""
+def run_cli(run, argv=None) -> int:
+    """Every script's `main(argv)`: call its `run(argv)`; expected failures become one sentence on stderr and exit
+    code 2, Ctrl-C exit code 130."""
     try:
-        return main_body(argv) or 0
+        return run(argv) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -882,8 +926,20 @@ def argument_parser(doc: str):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
 
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not the whole usage block: the mistake is what the user must see
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
     description, _, epilog = (doc or "").strip().partition("\n\n")
-    return argparse.ArgumentParser(description=description, epilog=epilog or None, formatter_class=Formatter)
+    return Parser(description=description, epilog=epilog or None, formatter_class=Formatter)
+
+
+def device_name(text: str) -> str:
+    """argparse type for --device: auto, cpu, mps, cuda or cuda:N."""
+    import argparse
+    if text in DEVICE_CHOICES or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device '{text}'; use auto, cpu, cuda, cuda:N or mps")
 
 
 def add_common_flags(parser, *, models: bool = True, results: bool = True, threads: bool = True) -> None:

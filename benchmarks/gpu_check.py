@@ -9,7 +9,6 @@ CI has no GPU, so these paths are only exercised when a GPU is at hand. One shor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -23,15 +22,19 @@ import common  # noqa: E402
 
 
 def decode_tok_per_sec(loaded, n_tokens: int = 64) -> float:
+    """Greedy decode through the project's own loop (common.decode_steps), after an uncounted warm-up."""
     import torch
-    ids = loaded.tokenizer("The quick brown fox", return_tensors="pt").input_ids.to(loaded.device)
-    loaded.model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up, not counted
-    common.sync(loaded.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = loaded.model.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
-    common.sync(loaded.device)
-    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+    ids = loaded.tokenizer("The quick brown fox")["input_ids"]
+    with torch.inference_mode():
+        for _ in common.decode_steps(loaded.model, ids, cache=common.new_cache(), max_new_tokens=4):
+            pass
+        steps = common.decode_steps(loaded.model, ids, cache=common.new_cache(), max_new_tokens=n_tokens + 1)
+        next(steps)  # the prompt's forward pass is prefill, not decode
+        common.sync(loaded.device)
+        start = time.perf_counter()
+        n = sum(1 for _ in steps)
+        common.sync(loaded.device)
+    return n / (time.perf_counter() - start)
 
 
 def check_one(name: str, quantize: str) -> dict:
@@ -53,7 +56,7 @@ def check_one(name: str, quantize: str) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--out", type=Path, help="also write the readings to this JSON file")
     return parser.parse_args(argv)
 
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU is visible to torch; this check only runs on a GPU machine.", file=sys.stderr)
         return 2
     names = [str(build_tiny_model(arch, Path(tempfile.mkdtemp()) / arch)) for arch in ARCHS]
-    if (common.MODELS_DIR / "smollm2-135m" / "config.json").exists():
+    if (common.MODELS_DIR / "smollm2-135m" / "config.json").exists():  # carried over, never fetched on the GPU box
         names.append("smollm2-135m")
     rows = [check_one(name, quantize) for name in names for quantize in ("none", "8bit", "4bit")]
     for row in rows:

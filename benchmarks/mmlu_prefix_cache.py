@@ -1,6 +1,6 @@
-"""MMLU prefix-cache speedup: questions/s of benchmark.py's prefix-cached scoring vs plain full-prompt scoring.
+"""MMLU prefix-cache speedup: questions/s of mmlu.py's prefix-cached scoring vs plain full-prompt scoring.
 
-Why: a 5-shot MMLU prompt is ~80% few-shot prefix that is the same for every question of a subject. benchmark.py
+Why: a 5-shot MMLU prompt is ~80% few-shot prefix that is the same for every question of a subject. mmlu.py
 computes that prefix's KV cache once per subject and scores only each question's own tokens (batched). The goal
 is >= 3x the questions per second of plain scoring with *identical predictions*. Both run in one process, on
 the same questions, alternating subject by subject so that a noisy shared machine slows both alike; the script
@@ -14,7 +14,6 @@ no cache), the log-likelihood of " A".." D" read from the last position.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,46 +28,46 @@ TARGET_RATIO = 3.0  # the issue's goal: prefix-cached >= 3x plain questions/s
 
 def time_scoring(loaded, subject, data, use_cache: bool, batch_size: int) -> tuple[list[list[float]], float]:
     """Scores of one subject's questions and the seconds they took (prefix cache included when used)."""
-    import benchmark  # the code under test; imported here so that --help stays instant
+    import mmlu  # the code under test; imported here so that --help stays instant
     common.sync(loaded.device)
     start = time.perf_counter()
-    scores, _ = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, data["exemplars"],
-                                             data["questions"], use_cache=use_cache, batch_size=batch_size)
+    scores, _ = mmlu.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, data["exemplars"],
+                                        data["questions"], use_cache=use_cache, batch_size=batch_size)
     common.sync(loaded.device)
     return scores, time.perf_counter() - start
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n")[-1])
-    parser.add_argument("--model", default=common.DEFAULT_MODEL)
-    parser.add_argument("--subjects", default="high_school_biology,world_religions,marketing")
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, folder, .gguf file or hub id")
+    parser.add_argument("--subjects", default="high_school_biology,world_religions,marketing",
+                        help="comma-separated MMLU subjects")
     # The prefix is paid once per subject, so a handful of questions understates the gain (real subjects have
     # 100-545 questions); 32 keeps the slow plain reference to a few minutes on a 2-core CPU.
-    parser.add_argument("--limit", type=int, default=32, help="questions per subject (seeded choice)")
-    parser.add_argument("--shots", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=8, help="suffixes per forward pass in cached scoring")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--limit", type=common.positive_int, default=32, help="questions per subject (seeded choice)")
+    parser.add_argument("--shots", type=common.non_negative_int, default=5, help="few-shot exemplars")
+    parser.add_argument("--batch-size", type=common.positive_int, default=8,
+                        help="suffixes per forward pass in cached scoring")
+    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     # float32 by default: the comparison is about equal predictions, and bf16 rounding (~0.1 nat on CPU) can
     # flip a near-tie between two letters whichever way the prompt is split; pass --dtype bfloat16 to see it.
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--out", help="also write the figures as a JSON record here")
+    parser.add_argument("--dtype", choices=common.DTYPE_CHOICES, default="float32", help="weights and compute dtype")
+    common.add_common_flags(parser, results=False)
+    parser.add_argument("--seed", type=int, default=1234, help="seeds the question subset")
+    parser.add_argument("--out", type=Path, help="also write the figures as a JSON record here")
     return parser.parse_args(argv)
 
 
-def main_body(argv=None) -> int:
+def run(argv=None) -> int:
     args = parse_args(argv)
-    import benchmark
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = common.load_model(args.model, device=args.device, dtype=args.dtype)
+    import mmlu
+    if args.out:
+        common.check_writable(args.out.parent, what="output folder")
+    common.CpuThreads(args.threads, enabled=common.pick_device(args.device) == "cpu")
+    loaded = common.load_model(args.model, device=args.device, dtype=args.dtype, models_dir=args.models_dir)
     subjects = args.subjects.split(",")
-    data, _ = benchmark.load_mmlu(subjects, args.shots, args.limit, args.seed, use_hub=False,
-                                  cache_dir=common.MODELS_DIR / ".wheels")
+    data, _ = mmlu.load_mmlu(subjects, args.shots, args.limit, args.seed, use_hub=False,
+                             cache_dir=args.models_dir / ".wheels")
     # Warm-up (not counted): first calls pay for lazy initialisation in torch.
     warm = {"exemplars": data[subjects[0]]["exemplars"], "questions": data[subjects[0]]["questions"][:2]}
     time_scoring(loaded, subjects[0], warm, True, args.batch_size)
@@ -86,7 +85,7 @@ def main_body(argv=None) -> int:
         for method, (use_cache, batch_size) in methods.items():
             scores[method], sec = time_scoring(loaded, subject, data[subject], use_cache, batch_size)
             seconds[method] += sec
-            same = sum(benchmark.argmax(a) == benchmark.argmax(b) for a, b in zip(scores["plain"], scores[method]))
+            same = sum(mmlu.argmax(a) == mmlu.argmax(b) for a, b in zip(scores["plain"], scores[method]))
             diff = max(abs(x - y) for a, b in zip(scores["plain"], scores[method]) for x, y in zip(a, b))
             agree[method] += same
             max_diff[method] = max(max_diff[method], diff)
@@ -107,7 +106,7 @@ def main_body(argv=None) -> int:
         print(f"{method:>14}: {n_questions / seconds[method]:6.2f} questions/s, predictions equal to plain "
               f"{agree[method]}/{n_questions}, max |d loglik| {max_diff[method]:.2e}")
     print(f"speedup cached vs plain {ratio:.2f}x (goal >= {TARGET_RATIO:.0f}x: "
-          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); vs plain batched "
+          f"{'met' if ratio >= TARGET_RATIO else 'not met'}); vs plain batched "
           f"{seconds['plain_batched'] / seconds['cached']:.2f}x; predictions identical: {identical}")
     if args.out:
         record = common.result_record("mmlu_prefix_cache", vars(args), common.environment(loaded.device),
@@ -120,7 +119,7 @@ def main_body(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return common.run_cli(main_body, argv)
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":

