@@ -642,6 +642,8 @@ def finetune(*, model: str, recipe: Recipe, train_file: Path, heldout_file: Path
     output_dir = Path(output_dir) if output_dir else RUNS_DIR / f"finetune-{common.safe_name(label)}"
     common.check_writable(results_dir, what="results folder")  # before the model loads: no lost work at the end
     common.check_writable(output_dir, what="adapter folder")
+    if resume and not any(output_dir.glob("checkpoint-*")):
+        raise common.UserError(f"No checkpoint in {output_dir} to resume from; run without --resume.")
     loaded, cpu_threads = load_for_finetune(model, device=device, dtype=dtype, quantize=quantize,
                                             max_length=recipe.max_length, models_dir=models_dir, threads=threads,
                                             console=console)
@@ -704,7 +706,7 @@ def parse_args(argv=None, saved: dict | None = None):
     """saved: settings that replace the defaults (--eval-adapter's training run); the command line still wins."""
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, local folder, .gguf or hub id")
-    parser.add_argument("--device", default="auto", choices=common.DEVICE_CHOICES, help="where to train")
+    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES,
                         help="compute dtype; auto = bf16 where supported")
     parser.add_argument("--quantize", default="auto", choices=("auto", *common.QUANTIZE_CHOICES),
@@ -760,23 +762,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    if args.eval_adapter:  # re-measure as the training run did, unless this command line says otherwise
+        meta = read_meta(args.eval_adapter)
+        args = parse_args(argv, saved={key: meta[key] for key in META_SETTINGS if key in meta})
+    console = common.make_console()
+    settings = {"model": args.model, "heldout_file": args.heldout_file, "device": args.device, "dtype": args.dtype,
+                "quantize": args.quantize, "models_dir": args.models_dir, "threads": args.threads,
+                "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens, "console": console}
+    if args.eval_adapter:
+        return eval_adapter(args.eval_adapter, **settings)
+    path = finetune(recipe=recipe_from(args), train_file=args.train_file, output_dir=args.output_dir,
+                    results_dir=args.results_dir, resume=args.resume, **settings)
+    return 0 if path else 130
+
+
 def main(argv=None) -> int:
-    def body(argv):
-        args = parse_args(argv)
-        if args.eval_adapter:  # re-measure as the training run did, unless this command line says otherwise
-            meta = read_meta(args.eval_adapter)
-            args = parse_args(argv, saved={key: meta[key] for key in META_SETTINGS if key in meta})
-        console = common.make_console()
-        settings = {"model": args.model, "heldout_file": args.heldout_file, "device": args.device,
-                    "dtype": args.dtype, "quantize": args.quantize, "models_dir": args.models_dir,
-                    "threads": args.threads, "eval_batch_size": args.eval_batch_size,
-                    "max_new_tokens": args.max_new_tokens, "console": console}
-        if args.eval_adapter:
-            return eval_adapter(args.eval_adapter, **settings)
-        path = finetune(recipe=recipe_from(args), train_file=args.train_file, output_dir=args.output_dir,
-                        results_dir=args.results_dir, resume=args.resume, **settings)
-        return 0 if path else 130
-    return common.run_cli(body, argv)
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -189,42 +189,44 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if "trl" not in arms or not set(arms) <= set(ARMS):
+        raise common.UserError(f"--arms must include trl and name only {', '.join(ARMS)}.")
+    settings = {"model": args.model, "recipe": finetune_demo.recipe_from(args), "train_file": args.train_file,
+                "heldout_file": args.heldout_file, "models_dir": args.models_dir,
+                "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens}
+    for data_file in (args.train_file, args.heldout_file):
+        finetune_demo.load_jsonl(data_file)  # a bad line stops us here, not inside the first arm
+    common.check_writable(args.results_dir, what="results folder")
+    rounds = []
+    for index in range(args.repeats):
+        order = arms if index % 2 == 0 else arms[::-1]  # flip the order each round: load drifts over time
+        rounds.append({arm: run_arm(arm, settings, index, args.scratch) for arm in order})
+    summary = summarize(rounds, arms)
+    print_table(rounds, arms, summary)
+    if "ours" in arms:
+        record = rounds[-1]["ours"]["record"]
+        trl = [r["trl"] for r in rounds]
+        record["baseline"] = {
+            "description": "plain TRL SFTTrainer + PEFT, same data/LoRA/hyper-parameters, TRL defaults otherwise",
+            "train_sec": statistics.median(t["train_sec"] for t in trl),
+            "cpu_sec": statistics.median(t["cpu_sec"] for t in trl),
+            "peak_rss_bytes": statistics.median(t["peak_rss_bytes"] for t in trl),
+            "after_metric": statistics.median(t["after"]["metric"] for t in trl),
+            "after_heldout_loss": statistics.median(t["after"]["heldout_loss"] for t in trl),
+            "ratio_time": summary["ours"]["ratio_train"], "ratio_cpu": summary["ours"]["ratio_cpu"],
+            "ratio_peak_rss": summary["ours"]["ratio_peak_rss"], "n_rounds": len(rounds),
+            "ours_after_metrics": [r["ours"]["after"]["metric"] for r in rounds],
+            "arms": {arm: [{k: v for k, v in r[arm].items() if k != "record"} for r in rounds] for arm in arms},
+        }
+        print(f"results: {common.write_result(record, args.results_dir)}")
+    return 0
+
+
 def main(argv=None) -> int:
-    def body(argv):
-        args = parse_args(argv)
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-        if "trl" not in arms or not set(arms) <= set(ARMS):
-            raise common.UserError(f"--arms must include trl and name only {', '.join(ARMS)}.")
-        settings = {"model": args.model, "recipe": finetune_demo.recipe_from(args), "train_file": args.train_file,
-                    "heldout_file": args.heldout_file, "models_dir": args.models_dir,
-                    "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens}
-        for data_file in (args.train_file, args.heldout_file):
-            finetune_demo.load_jsonl(data_file)  # a bad line stops us here, not inside the first arm
-        common.check_writable(args.results_dir, what="results folder")
-        rounds = []
-        for index in range(args.repeats):
-            order = arms if index % 2 == 0 else arms[::-1]  # flip the order each round: load drifts over time
-            rounds.append({arm: run_arm(arm, settings, index, args.scratch) for arm in order})
-        summary = summarize(rounds, arms)
-        print_table(rounds, arms, summary)
-        if "ours" in arms:
-            record = rounds[-1]["ours"]["record"]
-            trl = [r["trl"] for r in rounds]
-            record["baseline"] = {
-                "description": "plain TRL SFTTrainer + PEFT, same data/LoRA/hyper-parameters, TRL defaults otherwise",
-                "train_sec": statistics.median(t["train_sec"] for t in trl),
-                "cpu_sec": statistics.median(t["cpu_sec"] for t in trl),
-                "peak_rss_bytes": statistics.median(t["peak_rss_bytes"] for t in trl),
-                "after_metric": statistics.median(t["after"]["metric"] for t in trl),
-                "after_heldout_loss": statistics.median(t["after"]["heldout_loss"] for t in trl),
-                "ratio_time": summary["ours"]["ratio_train"], "ratio_cpu": summary["ours"]["ratio_cpu"],
-                "ratio_peak_rss": summary["ours"]["ratio_peak_rss"], "n_rounds": len(rounds),
-                "ours_after_metrics": [r["ours"]["after"]["metric"] for r in rounds],
-                "arms": {arm: [{k: v for k, v in r[arm].items() if k != "record"} for r in rounds] for arm in arms},
-            }
-            print(f"results: {common.write_result(record, args.results_dir)}")
-        return 0
-    return common.run_cli(body, argv)
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def test_unwritable_output_folder_is_refused_before_the_model_loads(flag, tmp_pa
                                str(tmp_path / "ok")]) == 2
     err = capsys.readouterr().err
     assert str(blocker) in err and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert finetune_demo.main(["--resume", "--output-dir", str(tmp_path / "empty"), "--results-dir", str(tmp_path)]) == 2
+    assert "No checkpoint in" in capsys.readouterr().err
 
 
 def test_scoring_is_exact_and_field_level():
