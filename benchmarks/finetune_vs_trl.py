@@ -9,9 +9,10 @@ padded to their longest sequence, TRL's fused LM head, torch's default threads).
 with two of our settings (bf16 weights, no gradient checkpointing) but TRL's own loss and fixed threads, to show
 how much of the gain is settings and how much is our answer-only loss and idle-core thread count.
 
-Each run is its own process (peak RSS is a per-process high-water mark) and the arms alternate, with the order
-flipped every round, because the machine is shared: ratios are taken within a round, then the median over rounds.
-Both arms' adapters are scored with finetune_demo's held-out scorer (greedy, same max_new_tokens).
+Each run is its own spawned process calling finetune_demo's functions (peak RSS is a per-process high-water
+mark) and the arms alternate, with the order flipped every round, because the machine is shared: ratios are taken
+within a round, then the median over rounds. Both arms train on CPU, with finetune_demo's defaults (its Recipe)
+unless flags here change them, and are scored with finetune_demo's held-out scorer (greedy, same max_new_tokens).
 
     python benchmarks/finetune_vs_trl.py                                  # SmolLM2-135M, 1 round (~3 min, quiet 2 cores)
     python benchmarks/finetune_vs_trl.py --model qwen-coder-0.5b --repeats 2   # ~5 min per round
@@ -19,12 +20,10 @@ Both arms' adapters are scored with finetune_demo's held-out scorer (greedy, sam
 """
 from __future__ import annotations
 
-import argparse
-import json
+import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,93 +33,98 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import finetune_demo  # noqa: E402  (light at import: its heavy imports live inside its functions)
 
 TARGET_TIME_RATIO = 0.8  # ours / plain TRL training time must be at most this
 ARMS = ("trl", "trl-tuned", "ours")
+# The Recipe fields both arms apply; TRL's quick start keeps its own defaults for the rest.
+SHARED_RECIPE = ("epochs", "batch_size", "lr", "warmup_steps", "lora_rank", "lora_alpha", "lora_dropout", "seed")
 
 
-# ---------------------------------------------------------------------------------------- the TRL arms
-def run_trl_arm(args, tuned: bool) -> dict:
+# ------------------------------------------------------------------------------------------------ the arms
+def trl_arm(*, model: str, recipe, train_file: Path, heldout_file: Path, models_dir, eval_batch_size: int,
+            max_new_tokens: int | None, work_dir: Path, tuned: bool) -> dict:
     """Plain (or settings-tuned) TRL SFTTrainer + PEFT on the demo's data; returns its measurements."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    import finetune_demo
-    source = common.available_model(args.model).source
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    train_rows = finetune_demo.load_jsonl(args.train_file)
-    heldout = finetune_demo.load_jsonl(args.heldout_file)
-    dataset = Dataset.from_list([finetune_demo.to_trl_example(row, tokenizer) for row in train_rows])
+    resolved = common.available_model(model, models_dir)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.source)
+    train_rows, heldout = finetune_demo.load_jsonl(train_file), finetune_demo.load_jsonl(heldout_file)
+    dataset = Dataset.from_list([finetune_demo.to_trl_example(row, tokenizer, resolved.spec) for row in train_rows])
     tuned_settings = {"gradient_checkpointing": False, "model_init_kwargs": {"dtype": "bfloat16"}} if tuned else {}
-    config = SFTConfig(output_dir=str(args.work_dir / "trl"), num_train_epochs=args.epochs,
-                       per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-                       lr_scheduler_type="cosine", warmup_steps=args.warmup, seed=args.seed, report_to="none",
-                       save_strategy="no", use_cpu=True,  # TRL refuses bf16 on a GPU-less machine without it
-                       **tuned_settings)
-    peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=source, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    config = SFTConfig(output_dir=str(work_dir / "trl"), num_train_epochs=recipe.epochs,
+                       per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.lr,
+                       lr_scheduler_type="cosine", warmup_steps=recipe.warmup_steps, seed=recipe.seed,
+                       report_to="none", save_strategy="no",
+                       use_cpu=True, **tuned_settings)  # TRL refuses bf16 on a GPU-less machine without use_cpu
+    trainer = SFTTrainer(model=resolved.source, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=finetune_demo.lora_config(recipe))
     monitor = common.MemoryMonitor("cpu", interval_sec=0.05)
     start, cpu_start = time.perf_counter(), time.process_time()
     with monitor:
         trainer.train()
     train_sec, cpu_sec = time.perf_counter() - start, time.process_time() - cpu_start
-    model = trainer.model.eval()
-    stop_ids = common.stop_token_ids(tokenizer, common.resolve_model(args.model).spec)
-    answers = finetune_demo.generate_answers(model, tokenizer, heldout, "cpu", "bfloat16", args.eval_batch_size,
-                                             args.max_new_tokens, stop_ids)
-    after = finetune_demo.score(answers, heldout)
-    after["heldout_loss"] = finetune_demo.heldout_loss(model, tokenizer, heldout, "cpu", "bfloat16",
-                                                       args.eval_batch_size)
+    peft_model = trainer.model.eval()
+    after, _ = finetune_demo.evaluate_heldout(
+        peft_model, tokenizer, heldout, spec=resolved.spec, device="cpu", dtype="bfloat16", batch_size=eval_batch_size,
+        max_new_tokens=max_new_tokens or finetune_demo.answer_token_cap(tokenizer, heldout),
+        label="the TRL adapter", console=common.make_console())
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"train_sec": train_sec, "cpu_sec": cpu_sec, "peak_rss_bytes": monitor.result()["peak_rss_bytes"],
             "n_steps": trainer.state.global_step, "loss_last": losses[-1] if losses else None,
-            "weights_dtype": str(next(model.get_base_model().parameters()).dtype).replace("torch.", ""),
+            "weights_dtype": str(next(peft_model.get_base_model().parameters()).dtype).replace("torch.", ""),
             "gradient_checkpointing": config.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
             "after": after}
 
 
-# ------------------------------------------------------------------------------------------ orchestration
-def arm_command(arm: str, args, work: Path) -> tuple[list[str], dict]:
-    """The subprocess command line and environment of one arm."""
-    shared = ["--model", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-              "--lr", str(args.lr), "--warmup", str(args.warmup), "--lora-rank", str(args.lora_rank),
-              "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
-              "--seed", str(args.seed), "--train-file", str(args.train_file), "--heldout-file", str(args.heldout_file),
-              "--eval-batch-size", str(args.eval_batch_size), "--max-new-tokens", str(args.max_new_tokens)]
-    env = dict(os.environ)
-    if arm == "ours":
-        return [sys.executable, str(REPO / "finetune_demo.py"), *shared, "--results-dir", str(work / "results"),
-                "--output-dir", str(work / "run")], env
-    return [sys.executable, __file__, "--run-arm", arm, "--work-dir", str(work), *shared], env
+def ours_arm(*, model: str, recipe, train_file: Path, heldout_file: Path, models_dir, eval_batch_size: int,
+             max_new_tokens: int | None, work_dir: Path) -> dict:
+    """finetune_demo's whole run, as its command line would do it with these settings."""
+    path = finetune_demo.finetune(
+        model=model, recipe=recipe, train_file=train_file, heldout_file=heldout_file, output_dir=work_dir / "run",
+        results_dir=work_dir / "results", models_dir=models_dir, device="cpu", dtype="auto", quantize="none",
+        threads=0, eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens, resume=False,
+        console=common.make_console())
+    if path is None:
+        raise common.UserError("the ours arm was interrupted.")
+    record = common.read_json(path)
+    return {**{key: record["train"][key] for key in ("train_sec", "cpu_sec", "peak_rss_bytes", "n_steps", "loss_last")},
+            "after": record["after"], "record": record}
 
 
-def run_arm(arm: str, args, round_index: int) -> dict:
-    if args.scratch:
-        args.scratch.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"ft-{arm}-{round_index}-", dir=args.scratch))
-    command, env = arm_command(arm, args, work)
+def arm_process(arm: str, settings: dict, work_dir: Path) -> None:
+    """The body of one arm's own process (peak RSS is a per-process high-water mark): its output goes to
+    work_dir/arm.log, its measurements to work_dir/arm.json, and an expected failure to one line and exit 2."""
+    with open(work_dir / "arm.log", "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+
+    def body(_):
+        result = ours_arm(**settings, work_dir=work_dir) if arm == "ours" else \
+            trl_arm(**settings, work_dir=work_dir, tuned=arm == "trl-tuned")
+        common.write_json_atomic(work_dir / "arm.json", result)
+    sys.exit(common.run_cli(body))
+
+
+def run_arm(arm: str, settings: dict, round_index: int, scratch: Path | None) -> dict:
+    if scratch:
+        scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"ft-{arm}-{round_index}-", dir=scratch))
     log = work / "arm.log"
     print(f"round {round_index + 1}: running {arm} (log: {log}) ...", flush=True)
     start = time.perf_counter()
-    with open(log, "w") as out:
-        done = subprocess.run(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    # spawn, not fork: a fresh interpreter, so one arm's imports, threads and memory never reach the next
+    process = multiprocessing.get_context("spawn").Process(target=arm_process, args=(arm, settings, work))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
         tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
-        raise common.UserError(f"the {arm} run failed (exit {done.returncode}):\n{tail}")
-    if arm == "ours":
-        record = json.loads(next((work / "results").glob("finetune-*.json")).read_text())
-        result = {"train_sec": record["train"]["train_sec"], "cpu_sec": record["train"]["cpu_sec"],
-                  "peak_rss_bytes": record["train"]["peak_rss_bytes"], "n_steps": record["train"]["n_steps"],
-                  "loss_last": record["train"]["loss_last"], "after": record["after"], "record": record}
-    else:
-        result = json.loads((work / "arm.json").read_text())
+        raise common.UserError(f"the {arm} run failed (exit {process.exitcode}):\n{tail}")
+    result = common.read_json(work / "arm.json")
     result["process_sec"] = time.perf_counter() - start
-    if not args.scratch:  # a temp folder: drop the adapters and logs of runs that succeeded
+    if not scratch:  # a temp folder: drop the adapters and logs of runs that succeeded
         shutil.rmtree(work, ignore_errors=True)
     print(f"  {arm}: train {result['train_sec']:.1f} s (CPU {result['cpu_sec']:.1f} s), peak RSS "
           f"{common.human_bytes(result['peak_rss_bytes'])}, held-out exact match {result['after']['metric']:.0%}",
@@ -143,7 +147,6 @@ def summarize(rounds: list[dict], arms: list[str]) -> dict:
 
 
 def print_table(rounds: list[dict], arms: list[str], summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
     table = Table(title="Training on the same 100 examples (lower is better; ratios vs plain TRL, same round)")
     for column in ("round", "arm", "train s", "CPU s", "peak RSS", "exact match", "held-out loss", "time ratio",
@@ -157,7 +160,7 @@ def print_table(rounds: list[dict], arms: list[str], summary: dict) -> None:
             table.add_row(str(index + 1), arm, f"{m['train_sec']:.1f}", f"{m['cpu_sec']:.1f}",
                           common.human_bytes(m["peak_rss_bytes"]), f"{m['after']['metric']:.0%}",
                           f"{m['after']['heldout_loss']:.3f}", ratio, rss)
-    Console(highlight=False).print(table)
+    common.make_console().print(table)
     for arm, s in summary.items():
         verdict = "meets" if s["ratio_train"] <= TARGET_TIME_RATIO else "misses"
         print(f"{arm} / trl (median of {len(rounds)} rounds): time {s['ratio_train']:.2f}x ({verdict} the "
@@ -165,65 +168,65 @@ def print_table(rounds: list[dict], arms: list[str], summary: dict) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", default=common.DEFAULT_MODEL)
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, local folder or hub id")
     parser.add_argument("--arms", default="trl,ours", help=f"comma list from {', '.join(ARMS)}; trl is required")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds; each runs every arm once")
-    # The run both arms do: finetune_demo.py's defaults, repeated here so the baseline gets the same numbers.
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=0.1)
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=float, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-file", type=Path, default=REPO / "data" / "finetune_train.jsonl")
-    parser.add_argument("--heldout-file", type=Path, default=REPO / "data" / "finetune_heldout.jsonl")
-    parser.add_argument("--eval-batch-size", type=int, default=25)
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer cap for both arms' scoring")
+    parser.add_argument("--repeats", type=common.positive_int, default=1, help="rounds; each runs every arm once")
+    # The run both arms do, with finetune_demo's own flags and defaults (the TRL arm has no use for the others).
+    finetune_demo.add_recipe_flags(parser, SHARED_RECIPE)
+    parser.add_argument("--train-file", type=Path, default=finetune_demo.TRAIN_FILE, help="training examples")
+    parser.add_argument("--heldout-file", type=Path, default=finetune_demo.HELDOUT_FILE, help="held-out examples")
+    parser.add_argument("--eval-batch-size", type=common.positive_int, default=finetune_demo.EVAL_BATCH_SIZE,
+                        help="held-out prompts generated together")
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=None,
+                        help="answer cap for both arms' scoring; when not given, finetune_demo's (longest held-out "
+                             "answer + slack)")
     parser.add_argument("--scratch", type=Path, default=None,
-                        help="keep each run's adapter and log here (default: a temp folder, deleted after success)")
-    parser.add_argument("--results-dir", type=Path, default=None)
-    parser.add_argument("--run-arm", choices=["trl", "trl-tuned"], help=argparse.SUPPRESS)  # internal: one TRL run
-    parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
+                        help="keep each run's adapter and log here; when not given, a temp folder deleted after "
+                             "success")
+    common.add_common_flags(parser, threads=False)
+    common.deprecated_alias(parser, "--warmup", "--warmup-steps")
     return parser.parse_args(argv)
 
 
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if "trl" not in arms or not set(arms) <= set(ARMS):
+        raise common.UserError(f"--arms must include trl and name only {', '.join(ARMS)}.")
+    settings = {"model": args.model, "recipe": finetune_demo.recipe_from(args), "train_file": args.train_file,
+                "heldout_file": args.heldout_file, "models_dir": args.models_dir,
+                "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens}
+    for data_file in (args.train_file, args.heldout_file):
+        finetune_demo.load_jsonl(data_file)  # a bad line stops us here, not inside the first arm
+    common.check_writable(args.results_dir, what="results folder")
+    rounds = []
+    for index in range(args.repeats):
+        order = arms if index % 2 == 0 else arms[::-1]  # flip the order each round: load drifts over time
+        rounds.append({arm: run_arm(arm, settings, index, args.scratch) for arm in order})
+    summary = summarize(rounds, arms)
+    print_table(rounds, arms, summary)
+    if "ours" in arms:
+        record = rounds[-1]["ours"]["record"]
+        trl = [r["trl"] for r in rounds]
+        record["baseline"] = {
+            "description": "plain TRL SFTTrainer + PEFT, same data/LoRA/hyper-parameters, TRL defaults otherwise",
+            "train_sec": statistics.median(t["train_sec"] for t in trl),
+            "cpu_sec": statistics.median(t["cpu_sec"] for t in trl),
+            "peak_rss_bytes": statistics.median(t["peak_rss_bytes"] for t in trl),
+            "after_metric": statistics.median(t["after"]["metric"] for t in trl),
+            "after_heldout_loss": statistics.median(t["after"]["heldout_loss"] for t in trl),
+            "ratio_time": summary["ours"]["ratio_train"], "ratio_cpu": summary["ours"]["ratio_cpu"],
+            "ratio_peak_rss": summary["ours"]["ratio_peak_rss"], "n_rounds": len(rounds),
+            "ours_after_metrics": [r["ours"]["after"]["metric"] for r in rounds],
+            "arms": {arm: [{k: v for k, v in r[arm].items() if k != "record"} for r in rounds] for arm in arms},
+        }
+        print(f"results: {common.write_result(record, args.results_dir)}")
+    return 0
+
+
 def main(argv=None) -> int:
-    def body(argv):
-        args = parse_args(argv)
-        if args.run_arm:  # child process: one TRL run, measurements to work_dir/arm.json
-            common.write_json_atomic(args.work_dir / "arm.json", run_trl_arm(args, tuned=args.run_arm == "trl-tuned"))
-            return 0
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-        if "trl" not in arms or not set(arms) <= set(ARMS):
-            raise common.UserError(f"--arms must include trl and name only {', '.join(ARMS)}.")
-        rounds = []
-        for index in range(args.repeats):
-            order = arms if index % 2 == 0 else arms[::-1]  # flip the order each round: load drifts over time
-            rounds.append({arm: run_arm(arm, args, index) for arm in order})
-        summary = summarize(rounds, arms)
-        print_table(rounds, arms, summary)
-        if "ours" in arms:
-            record = rounds[-1]["ours"]["record"]
-            trl = [r["trl"] for r in rounds]
-            record["baseline"] = {
-                "description": "plain TRL SFTTrainer + PEFT, same data/LoRA/hyper-parameters, TRL defaults otherwise",
-                "train_sec": statistics.median(t["train_sec"] for t in trl),
-                "cpu_sec": statistics.median(t["cpu_sec"] for t in trl),
-                "peak_rss_bytes": statistics.median(t["peak_rss_bytes"] for t in trl),
-                "after_metric": statistics.median(t["after"]["metric"] for t in trl),
-                "after_heldout_loss": statistics.median(t["after"]["heldout_loss"] for t in trl),
-                "ratio_time": summary["ours"]["ratio_train"], "ratio_cpu": summary["ours"]["ratio_cpu"],
-                "ratio_peak_rss": summary["ours"]["ratio_peak_rss"], "n_rounds": len(rounds),
-                "ours_after_metrics": [r["ours"]["after"]["metric"] for r in rounds],
-                "arms": {arm: [{k: v for k, v in r[arm].items() if k != "record"} for r in rounds] for arm in arms},
-            }
-            print(f"results: {common.write_result(record, args.results_dir)}")
-        return 0
-    return common.run_cli(body, argv)
+    return common.run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """finetune_demo.py on a tiny random Llama: loss goes down, the adapter round-trips, Ctrl-C checkpoints resume,
 bad dataset lines are named by file and line, and the committed datasets are what the generator writes."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -71,6 +72,54 @@ def test_bad_dataset_line_is_named(tmp_path, capsys):
     assert f"{bad}:1: 'text' must be a non-empty string" in capsys.readouterr().err
 
 
+BAD_FLAGS = [["--epochs", "-1"], ["--epochs", "nan"], ["--batch-size", "0"], ["--lora-rank", "0"],
+             ["--threads", "-1"], ["--dtype", "bogus"], ["--device", "gpu"], ["--max-new-tokens", "0"],
+             ["--eval-batch-size", "0"], ["--lr", "0"], ["--lora-dropout", "1.5"], ["--warmup-steps", "-1"],
+             ["--grad-accum", "0"], ["--max-length", "0"], ["--quantize", "2bit"], ["--seed", "-3"]]
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS, ids=lambda f: " ".join(f))
+def test_bad_flag_exits_2_with_one_error_line_before_torch(flags):
+    code = (f"import sys, finetune_demo\ntry:\n    finetune_demo.main({flags!r})\n"
+            "except SystemExit as e:\n    sys.stderr.write(f'exit {e.code}')\n"
+            "assert 'torch' not in sys.modules, 'torch imported before the flags were checked'\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 0 and lines[-1] == "exit 2", out.stderr
+    assert f": error: argument {flags[0]}" in lines[-2] and "Traceback" not in out.stderr
+
+
+def test_warmup_is_a_deprecated_alias_of_warmup_steps(capsys):
+    assert finetune_demo.parse_args(["--warmup", "3"]).warmup_steps == 3
+    assert "--warmup is deprecated" in capsys.readouterr().err
+    assert finetune_demo.recipe_from(finetune_demo.parse_args([])) == finetune_demo.DEFAULTS
+
+
+def test_non_utf8_training_file_is_named_by_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"text": "Send 2 pens", "record": {"n": 2}}\n{"text": "Caf\u00e9 order", "record": {"n": 1}}\n'
+                    .encode("latin-1"))
+    assert finetune_demo.main(["--train-file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--results-dir", "--output-dir"])
+def test_unwritable_output_folder_is_refused_before_the_model_loads(flag, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folders were checked")
+    monkeypatch.setattr(finetune_demo, "load_for_finetune", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert finetune_demo.main([flag, str(blocker), "--results-dir" if flag == "--output-dir" else "--output-dir",
+                               str(tmp_path / "ok")]) == 2
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert finetune_demo.main(["--resume", "--output-dir", str(tmp_path / "empty"), "--results-dir", str(tmp_path)]) == 2
+    assert "No checkpoint in" in capsys.readouterr().err
+
+
 def test_scoring_is_exact_and_field_level():
     examples = [{"record": {"cust": "Lopez, Maria", "n": 3, "due": None}},
                 {"record": {"cust": "Smith, James", "n": 1, "due": "FRI"}}]
@@ -87,11 +136,14 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
     from rich.console import Console
 
     import common
-    args = finetune_demo.parse_args(task_args(tiny_models, tiny_task, tmp_path / "run"))
     console = Console(quiet=True)
-    loaded = finetune_demo.load_for_finetune(args, args.model, console)
-    rows = finetune_demo.load_jsonl(args.train_file)
-    trained = finetune_demo.train(loaded, rows, args, tmp_path / "run", console)
+    recipe = dataclasses.replace(finetune_demo.DEFAULTS, epochs=4, lr=1e-2)  # as TINY_ARGS, without argparse
+    loaded, cpu_threads = finetune_demo.load_for_finetune(
+        str(tiny_models["llama"]), device="cpu", dtype="auto", quantize="none", max_length=recipe.max_length,
+        models_dir=None, threads=1, console=console)
+    rows = finetune_demo.load_jsonl(tiny_task / "train.jsonl")
+    trained = finetune_demo.train(loaded, rows, recipe=recipe, output_dir=tmp_path / "run", resume=False,
+                                  console=console, cpu_threads=cpu_threads)
     record = trained["record"]
     curve = record["loss_curve"]
     assert len(curve) == record["n_steps"] == 8
@@ -109,7 +161,7 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
     autocast = finetune_demo.autocast_context  # the demo evaluates under the training autocast, before and after
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         trained_logits = model(**probe).logits.float()
-    fresh = common.load_model(args.model, device="cpu", log=lambda *_: None)
+    fresh = common.load_model(str(tiny_models["llama"]), device="cpu", log=lambda *_: None)
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         base_logits = fresh.model(**probe).logits.float()
         reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
@@ -156,4 +208,8 @@ def test_ctrl_c_checkpoints_and_resume_finishes(tiny_models, tiny_task, tmp_path
     monkeypatch.setattr(finetune_demo, "make_progress_callback", make_callback)
     assert finetune_demo.main(argv + ["--resume"]) == 0
     train = only_result(results_dir)["train"]
-    assert train["resumed_from_step"] == 3 and train["n_steps"] == 8 and len(train["loss_curve"]) == 5
+    assert train["resumed_from_step"] == 3 and train["n_steps"] == 8
+    # the record's training figures are totals over both runs: all 8 steps' losses and times, summed tokens
+    assert train["n_parts"] == 2 and len(train["loss_curve"]) == len(train["step_sec_samples"]) == 8
+    assert train["n_tokens"] > 0 and train["train_sec"] >= sum(train["step_sec_samples"])
+    assert not (out / finetune_demo.PARTS_FILE).exists()
