@@ -582,12 +582,7 @@ class LoadedModel:
 
     def identity(self) -> dict:
         """The model block every results record carries."""
-        revision = None
-        source = Path(self.resolved.source)
-        if (source / "billion_llm_source.json").exists():
-            revision = json.loads((source / "billion_llm_source.json").read_text()).get("gguf_sha256")
-        elif (source / "billion_llm_download.json").exists():
-            revision = json.loads((source / "billion_llm_download.json").read_text()).get("revision")
+        revision = model_revision(Path(self.resolved.source))
         spec = self.resolved.spec
         return {"name": self.resolved.label, "hub_id": spec.hub_id if spec else None, "source": str(self.resolved.source),
                 "revision": revision, "dtype": self.dtype, "quantization": self.quantize, "device": self.device,
@@ -610,6 +605,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", quantize: s
                trust_remote_code: bool = False) -> LoadedModel:
     """Resolve, preflight and load a causal LM with its tokenizer, in eval mode."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quantize not in ("none", "8bit", "4bit"):
@@ -638,7 +634,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", quantize: s
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError, SafetensorError) as error:  # a damaged file the header check did not catch
         raise UserError(explain_load_error(resolved, error)) from None
     if quantize == "none":
         model.to(device)

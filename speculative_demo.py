@@ -74,21 +74,11 @@ def check_same_vocabulary(draft_tokenizer, target_tokenizer, draft_label: str, t
         "assisted generation instead.")
 
 
-def on_disk(name: str, models_dir) -> bool:
-    """Whether from_pretrained can load `name` without the network (a stand-in until common has one check)."""
-    resolved = common.resolve_model(name, models_dir)
-    if resolved.spec is None or resolved.source != resolved.spec.hub_id or resolved.spec.gguf_wheel:
-        return True  # a local folder or GGUF file, or a model common fetches from the package index by itself
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(resolved.source, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an unreadable cache counts as missing
-        return False
-
-
 def require_pair_on_disk(draft: str, target: str, models_dir) -> None:
     """On a fresh clone, say exactly what to download instead of failing deep inside from_pretrained."""
-    missing = [name for name in (draft, target) if not on_disk(name, models_dir)]
+    # resolve first: an unknown name gets "Unknown model", not "not on disk"; a bare hub id may still be fetched
+    missing = [name for name in (draft, target) if common.resolve_model(name, models_dir) and not common.is_hub_id(name)
+               and common.model_on_disk(name, models_dir)[1] == "missing"]
     if not missing:
         return
     spec = common.REGISTRY.get(draft)

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU is visible to torch; this check only runs on a GPU machine.", file=sys.stderr)
         return 2
     names = [str(build_tiny_model(arch, Path(tempfile.mkdtemp()) / arch)) for arch in ARCHS]
-    if (common.MODELS_DIR / "smollm2-135m" / "config.json").exists():  # carried over, never fetched on the GPU box
+    if common.model_on_disk("smollm2-135m")[1] == "ready":  # carried over, never fetched on the GPU box
         names.append("smollm2-135m")
     rows = [check_one(name, quantize) for name in names for quantize in ("none", "8bit", "4bit")]
     for row in rows:

