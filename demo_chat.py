@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import common
+import models
 
 # Default cap on the history window, in tokens: Llama 3.2 advertises 131k, whose KV cache alone would need GiBs.
 MAX_CONTEXT_TOKENS = 8192
@@ -61,10 +62,10 @@ class Settings:
 
 @dataclasses.dataclass
 class ChatModel:
-    loaded: common.LoadedModel
+    loaded: models.LoadedModel
     context_tokens: int  # history + reply must fit in this many tokens
     stop_ids: frozenset
-    templated: bool  # False: the plain User/Assistant transcript of common.chat_prompt
+    templated: bool  # False: the plain User/Assistant transcript of models.chat_prompt
 
     @property
     def label(self) -> str:
@@ -215,18 +216,18 @@ def interleave(generators: list, texts: list, on_step) -> None:
 def downloaded_models(models_dir: Path) -> list:
     """(name, status) for registry models on disk, the default model (fetched offline) and other local folders."""
     found = []
-    for name, spec in common.REGISTRY.items():
+    for name, spec in models.REGISTRY.items():
         folder = models_dir / name
         ggufs = [folder / spec.gguf_file, models_dir / spec.gguf_file] if spec.gguf_file else []
         if (folder / "config.json").exists():
             found.append((name, "ready"))
         elif any(path.exists() for path in ggufs):
             found.append((name, "GGUF on disk, converted once on first load"))
-        elif name == common.DEFAULT_MODEL:
+        elif name == models.DEFAULT_MODEL:
             found.append((name, "fetched from the package index on first load"))
     if models_dir.is_dir():
         for folder in sorted(models_dir.iterdir()):
-            if folder.name not in common.REGISTRY and not folder.name.startswith(".") \
+            if folder.name not in models.REGISTRY and not folder.name.startswith(".") \
                     and (folder / "config.json").exists():
                 found.append((str(folder), "local folder"))
     return found
@@ -244,18 +245,18 @@ def choose_model(ui: Terminal, models_dir: Path) -> str:
     for column in ("#", "model", "parameters", "status"):
         table.add_column(column)
     for number, (name, status) in enumerate(choices, 1):
-        spec = common.REGISTRY.get(name)
+        spec = models.REGISTRY.get(name)
         table.add_row(str(number), name, count_text(spec.n_params) if spec else "?", status)
     ui.out.print(table)
-    ui.info("Others: python download_models.py --models NAME (see common.REGISTRY), or type a folder/.gguf path.")
+    ui.info("Others: python download_models.py --models NAME (see models.REGISTRY), or type a folder/.gguf path.")
     while True:
         try:
-            answer = ui.out.input(f"Model [1-{len(choices)}, name or path; Enter = {common.DEFAULT_MODEL}]: ")
+            answer = ui.out.input(f"Model [1-{len(choices)}, name or path; Enter = {models.DEFAULT_MODEL}]: ")
         except EOFError:
             raise common.UserError("No model was chosen.") from None
         answer = answer.strip()
         if not answer:
-            return common.DEFAULT_MODEL
+            return models.DEFAULT_MODEL
         if not answer.isdigit():
             return answer
         if 1 <= int(answer) <= len(choices):
@@ -264,11 +265,11 @@ def choose_model(ui: Terminal, models_dir: Path) -> str:
 
 
 def load_chat_model(name: str, args: argparse.Namespace, ui: Terminal) -> ChatModel:
-    """common.load_model plus what a chat needs; any failure becomes one sentence (the chat goes on)."""
+    """models.load_model plus what a chat needs; any failure becomes one sentence (the chat goes on)."""
     wanted_context = args.context_tokens or MAX_CONTEXT_TOKENS
     ui.info(f"Loading {name}...")
     try:
-        loaded = common.load_model(name, device=args.device, dtype=args.dtype, quantize=args.quantize,
+        loaded = models.load_model(name, device=args.device, dtype=args.dtype, quantize=args.quantize,
                                    context_tokens=wanted_context, log=ui.info)
     except common.UserError:
         raise
@@ -279,7 +280,7 @@ def load_chat_model(name: str, args: argparse.Namespace, ui: Terminal) -> ChatMo
     window = getattr(config, "max_position_embeddings", None) or wanted_context
     spec = loaded.resolved.spec
     templated = bool(getattr(loaded.tokenizer, "chat_template", None)) and (spec is None or spec.chat_template)
-    chat = ChatModel(loaded, min(window, wanted_context), frozenset(common.stop_token_ids(loaded.tokenizer, spec)),
+    chat = ChatModel(loaded, min(window, wanted_context), frozenset(models.stop_token_ids(loaded.tokenizer, spec)),
                      templated)
     warm_up(chat)
     weights = loaded.quantize if loaded.quantize != "none" else loaded.dtype
@@ -308,7 +309,7 @@ def open_models(session: Session, ui: Terminal, names: list) -> None:
         if isinstance(name, ChatModel):
             chats.append(name)
             continue
-        label = common.resolve_model(name).label
+        label = models.resolve_model(name).label
         chats.append(loaded.get(label) or load_chat_model(name, session.args, ui))
         loaded[label] = chats[-1]
     session.use(chats)
@@ -318,7 +319,7 @@ def open_models(session: Session, ui: Terminal, names: list) -> None:
 def encode(chat: ChatModel, system: str, messages: list) -> list:
     if system:
         messages = [{"role": "system", "content": system}] + messages
-    text = common.chat_prompt(chat.loaded.tokenizer, messages, chat.loaded.resolved.spec)
+    text = models.chat_prompt(chat.loaded.tokenizer, messages, chat.loaded.resolved.spec)
     # A chat template writes its own BOS; adding special tokens again would double it.
     return chat.loaded.tokenizer(text, add_special_tokens=not chat.templated)["input_ids"]
 
@@ -367,7 +368,7 @@ def stream_reply(chat: ChatModel, prompt_ids: list, settings: Settings, max_new_
     import torch
     model, tokenizer, device = chat.loaded.model, chat.loaded.tokenizer, chat.loaded.device
     stop_texts = () if chat.templated else PLAIN_STOP_TEXTS
-    keyword = common.cache_keyword(model)
+    keyword = models.cache_keyword(model)
     stats.n_prompt_tokens = len(prompt_ids)
     input_ids = torch.tensor([prompt_ids], device=device)
     cache, generated, text, shown = None, [], "", 0
@@ -614,8 +615,8 @@ def chat_loop(session: Session, ui: Terminal, lines, interactive: bool) -> None:
 def start_models(session: Session, ui: Terminal, names: list | None, interactive: bool) -> None:
     """The models named on the command line, else the menu (or, without a terminal, the default model)."""
     if names is None and not interactive:
-        ui.info(f"No --model given: using {common.DEFAULT_MODEL}.")
-        names = [common.DEFAULT_MODEL]
+        ui.info(f"No --model given: using {models.DEFAULT_MODEL}.")
+        names = [models.DEFAULT_MODEL]
     while True:
         names = names or [choose_model(ui, common.MODELS_DIR)]  # Ctrl-D here leaves: no model, no chat
         try:

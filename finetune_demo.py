@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import common
+import models
 
 RUNS_DIR = common.REPO_DIR / "runs"
 TASK_NAME = "order-records"
@@ -144,22 +145,22 @@ def to_trl_example(example: dict, tokenizer, spec) -> dict:
 
     Conversational when the model is prompted through its chat template (trl renders it); plain strings otherwise."""
     answer = record_json(example["record"])
-    if common.uses_chat_template(tokenizer, spec):
+    if models.uses_chat_template(tokenizer, spec):
         return {"prompt": prompt_messages(example), "completion": [{"role": "assistant", "content": answer}]}
-    return {"prompt": common.chat_prompt(tokenizer, prompt_messages(example), spec), "completion": " " + answer}
+    return {"prompt": models.chat_prompt(tokenizer, prompt_messages(example), spec), "completion": " " + answer}
 
 
 def encode_example(example: dict, tokenizer, spec) -> tuple[list[int], int]:
     """(token ids of prompt + answer, number of prompt tokens), tokenized exactly as trl 1.x does it."""
     answer = record_json(example["record"])
-    if common.uses_chat_template(tokenizer, spec):
+    if models.uses_chat_template(tokenizer, spec):
         prompt_ids = tokenizer.apply_chat_template(prompt_messages(example), add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
         full_ids = tokenizer.apply_chat_template(
             prompt_messages(example) + [{"role": "assistant", "content": answer}], tokenize=True,
             return_dict=True)["input_ids"]
     else:
-        prompt = common.chat_prompt(tokenizer, prompt_messages(example), spec)
+        prompt = models.chat_prompt(tokenizer, prompt_messages(example), spec)
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = tokenizer(prompt + " " + answer + tokenizer.eos_token)["input_ids"]
     n_prompt = 0
@@ -202,7 +203,7 @@ def heldout_loss(model, tokenizer, examples: list[dict], *, spec, device: str, d
     """Mean negative log-likelihood per answer token, teacher-forced."""
     import torch
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not common.plain_lm_head(base):
+    if not models.plain_lm_head(base):
         raise common.UserError(f"{base.config.model_type} scales or soft-caps its logits, which this demo's "
                                "answer-only loss does not implement; pick a Llama/Qwen/StableLM/GPT-NeoX model.")
     encoded = [encode_example(e, tokenizer, spec) for e in examples]
@@ -228,8 +229,8 @@ def generate_answers(model, tokenizer, examples: list[dict], *, spec, device: st
                      max_new_tokens: int) -> list[str]:
     """Greedy answers for every example, batched with left padding (prompts sorted by length to pad less)."""
     import torch
-    prompts = [common.chat_prompt(tokenizer, prompt_messages(e), spec) for e in examples]
-    stop_ids = common.stop_token_ids(tokenizer, spec)
+    prompts = [models.chat_prompt(tokenizer, prompt_messages(e), spec) for e in examples]
+    stop_ids = models.stop_token_ids(tokenizer, spec)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     padding_side = tokenizer.padding_side
@@ -323,7 +324,7 @@ def answer_only_trainer_class():
     class AnswerOnlyLossTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
-            if not common.plain_lm_head(unwrapped.get_base_model()):
+            if not models.plain_lm_head(unwrapped.get_base_model()):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = dict(inputs)
             nll, n_answer_tokens, outputs = answer_nll(unwrapped, inputs.pop("labels"), **inputs)
@@ -550,9 +551,9 @@ def load_for_finetune(model: str, *, device: str, dtype: str, quantize: str, max
                       threads: int, console):
     """(the loaded model, its common.CpuThreads); quantize "auto" is 4-bit (QLoRA) on CUDA and none elsewhere."""
     quiet_libraries()
-    device = common.pick_device(device)
+    device = models.pick_device(device)
     quantize = quantize if quantize != "auto" else ("4bit" if device.startswith("cuda") else "none")
-    loaded = common.load_model(model, device=device, dtype=dtype, quantize=quantize, context_tokens=max_length,
+    loaded = models.load_model(model, device=device, dtype=dtype, quantize=quantize, context_tokens=max_length,
                                models_dir=models_dir, log=console.print)
     cpu_threads = common.CpuThreads(threads, enabled=loaded.device == "cpu")
     if loaded.device == "cpu":
@@ -638,7 +639,7 @@ def finetune(*, model: str, recipe: Recipe, train_file: Path, heldout_file: Path
     if overlap:
         raise common.UserError(f"{len(overlap)} held-out texts also appear in the training file, e.g. "
                                f"{next(iter(overlap))!r}; the two sets must be disjoint.")
-    label = common.resolve_model(model, models_dir).label
+    label = models.resolve_model(model, models_dir).label
     output_dir = Path(output_dir) if output_dir else RUNS_DIR / f"finetune-{common.safe_name(label)}"
     common.check_writable(results_dir, what="results folder")  # before the model loads: no lost work at the end
     common.check_writable(output_dir, what="adapter folder")
@@ -705,7 +706,7 @@ def finetune(*, model: str, recipe: Recipe, train_file: Path, heldout_file: Path
 def parse_args(argv=None, saved: dict | None = None):
     """saved: settings that replace the defaults (--eval-adapter's training run); the command line still wins."""
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, local folder, .gguf or hub id")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder, .gguf or hub id")
     parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES,
                         help="compute dtype; auto = bf16 where supported")

