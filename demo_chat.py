@@ -1,11 +1,10 @@
 """Chat with a 1B-class model in the terminal, or with two side by side, and see what every reply cost.
 
 The hands-on way to feel the difference between small models: each model's own chat template (a plain
-User/Assistant transcript for base models such as pythia-1b), multi-turn history trimmed to the context window,
-tokens streamed as they are sampled, and after every reply the time to first token, decode tokens/sec, prompt and
-reply token counts and the memory in use. The KV cache is kept across turns, so a turn after a long one waits only
-for its own new tokens. `/compare` (or `--compare A B`) answers the same prompt with two models in two columns and
-says which was faster and by how much.
+User/Assistant transcript for base models such as pythia-1b), history trimmed to the context window and kept in the
+KV cache across turns (a turn waits only for its own new tokens), tokens streamed as they are sampled, and after
+every reply the time to first token, decode tokens/sec, token counts and memory. `/compare` (or `--compare A B`)
+answers each prompt with two models in two columns and says which was faster and by how much.
 
     python demo_chat.py                                    # pick a downloaded model from a menu
     python demo_chat.py --model smollm2-135m --temperature 0 --system "Answer in one sentence."
@@ -14,14 +13,15 @@ says which was faster and by how much.
     python demo_chat.py --prompt "Name three colours." > answer.txt                     # one-shot
 
 In the chat, /help lists the commands; Ctrl-C stops a reply, Ctrl-D or /quit leaves. In a pipe or with --prompt,
-stdout carries only the answers (plain text); timings and notes go to stderr. In a terminal the model loads in the
-background while the prompt is already up (importing torch and transformers is most of a start-up): the first
-reply waits for whatever is left of it.
+stdout carries only the answers (plain text); timings and notes go to stderr. In a terminal the prompt is up at once:
+the model loads in the background while you type.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib
 import re
 import sys
 import threading
@@ -32,14 +32,12 @@ import common
 
 # Default cap on the history window, in tokens: Llama 3.2 advertises 131k, whose KV cache alone would need GiBs.
 MAX_CONTEXT_TOKENS = 8192
-MIN_CONTEXT_TOKENS = 16  # below this not even a template's headers fit
-# When history must be trimmed, trim it to this share of the window: the turns after that extend the KV cache
-# instead of each dropping one more exchange and re-encoding everything again.
-TRIM_TO_SHARE = 0.75
+TRIM_TO_SHARE = 0.75  # trimmed history fills this much of the window: the next turns extend the cache, not re-encode
 # Control characters a model may emit (ESC above all) would drive the terminal: they are dropped from replies.
 CONTROL_CHARACTERS = dict.fromkeys([*range(0, 9), *range(11, 32), 127, *range(128, 160)])
 # A base model continues a plain transcript with the next user turn: the reply ends where that starts.
 PLAIN_STOP_TEXTS = ("\nUser:",)
+MEMORY_WORDS = {"rss": "RSS", "vram_allocated": "VRAM"}
 WARM_UP_TOKENS = 4  # untimed tokens after loading: the first forward passes pay for kernel and cache set-up
 # The settings /temp, /top-p and /max-new-tokens change: (the user's word for it, type, lowest, highest).
 SETTING_LIMITS = {"temperature": ("temperature", float, 0.0, 5.0), "top_p": ("top-p", float, 0.01, 1.0),
@@ -56,7 +54,7 @@ COMMANDS = {
     "/max-new-tokens [N]": "show or set the longest reply, in tokens",
     "/reset": "forget the conversation (settings stay)",
     "/save": "write the transcript with its timings to the results folder as JSON",
-    "/quit": "leave (Ctrl-D does too)",
+    "/quit": "leave (Ctrl-D does too; Ctrl-C stops a reply)",
 }
 
 
@@ -71,13 +69,10 @@ class Settings:
 @dataclasses.dataclass
 class ChatModel:
     loaded: common.LoadedModel
+    label: str
     context_tokens: int  # history + reply must fit in this many tokens
     stop_ids: frozenset
     templated: bool  # False: the plain User/Assistant transcript of common.chat_prompt
-
-    @property
-    def label(self) -> str:
-        return self.loaded.resolved.label
 
 
 @dataclasses.dataclass
@@ -101,28 +96,23 @@ class ReplyStats:
         return self.n_decode_steps / decode_sec if self.n_decode_steps and decode_sec > 0 else None
 
     def line(self, memory: bool = True) -> str:
-        """The timing line; memory=False shows only this model's weights (in a comparison both models share one
-        process, so its memory reading would be the same under both)."""
+        """The timing line; memory=False: only the weights (two compared models share one process's memory)."""
         rate = self.decode_tok_per_sec
         cached = f" ({self.n_cached_tokens} cached)" if self.n_cached_tokens else ""
         weights = f"weights {common.human_bytes(self.weight_bytes)}"
         parts = [f"TTFT {self.ttft_sec:.2f} s" if self.ttft_sec is not None else "TTFT -",
                  f"{rate:.1f} tok/s" if rate else "- tok/s",
                  f"prompt {self.n_prompt_tokens} tok{cached}", f"reply {self.n_completion_tokens} tok",
-                 f"{memory_word(self.memory_kind)} {common.human_bytes(self.memory_in_use_bytes)} ({weights})"
+                 f"{MEMORY_WORDS[self.memory_kind]} {common.human_bytes(self.memory_in_use_bytes)} ({weights})"
                  if memory else weights]
         ending = {"interrupted": "stopped by Ctrl-C", "max_tokens": "hit --max-new-tokens",
                   "context_full": "context window full"}.get(self.stop_reason)
         return ", ".join(parts + ([ending] if ending else []))
 
-    def record(self) -> dict:
-        return {**dataclasses.asdict(self), "decode_tok_per_sec": self.decode_tok_per_sec}
-
 
 @dataclasses.dataclass
 class Side:
-    """One model's side of the conversation: the messages it has seen, and the KV cache with the exact token ids
-    it holds, so that the next turn computes only the tokens that are new."""
+    """One model's side of the chat: its messages, and a KV cache with the exact token ids it holds."""
     chat: ChatModel
     history: list = dataclasses.field(default_factory=list)
     cache: object = None
@@ -134,10 +124,8 @@ class Side:
 
     def reuse_cache(self, prompt_ids: list) -> int:
         """Crop the cache to its longest common prefix with prompt_ids and return that length; only the rest is fed.
-
-        Comparing token ids (not messages) also covers templates that render earlier turns differently later and
-        replies that tokenize differently when read back. The last prompt token is always fed: its logits choose
-        the first reply token."""
+        Token ids, not messages: a template may render earlier turns differently later, and a reply read back may
+        tokenize differently. The last prompt token is always fed: its logits choose the first reply token."""
         n, limit = 0, min(len(self.cached_ids), len(prompt_ids) - 1)
         while n < limit and self.cached_ids[n] == prompt_ids[n]:
             n += 1
@@ -176,7 +164,8 @@ class Session:
         for chat in chats:
             self.identities[chat.label] = chat.loaded.identity()
         # Asked once per pair: comparing two 50k-entry vocabularies on every turn is needless tokenizer work.
-        self.same_vocab = len(chats) < 2 or chats[0].loaded.tokenizer.get_vocab() == chats[1].loaded.tokenizer.get_vocab()
+        vocabs = [chat.loaded.tokenizer.get_vocab() for chat in chats]
+        self.same_vocab = all(vocab == vocabs[0] for vocab in vocabs)
         if self.cpu_threads is None:  # first use, on the main thread: torch's thread count is per thread
             self.cpu_threads = common.CpuThreads(self.threads, enabled=chats[0].loaded.device == "cpu")
             common.set_seed(self.seed)
@@ -185,8 +174,7 @@ class Session:
 
 # ------------------------------------------------------------------------------------------- terminal
 class WordWrap:
-    """Streamed text broken at spaces: a word is held until it is complete, then printed on this line or, when it
-    would cross the right edge, on the next (the terminal itself would cut it anywhere)."""
+    """Streamed text broken between words (a terminal cuts anywhere): a word is held until it is complete."""
 
     def __init__(self, width: int, column: int = 0):
         self.width, self.column, self.held = max(width, 8), column, ""
@@ -224,8 +212,7 @@ class Terminal:
         self.notes.print(f"error: {text}", style="bold red", markup=False, soft_wrap=True)
 
     def ask(self, prompt: str, colour: bool = False) -> str:
-        """input() with the prompt handed to it: readline then knows the prompt is on the line, so an empty Enter
-        starts a new line (a prompt printed beforehand stacks up as `you> you> you>`)."""
+        """input(prompt): readline must know the prompt, or an empty Enter stacks them up as `you> you> you>`."""
         if colour and self.out.color_system:
             on, off = "\x1b[1;32m", "\x1b[0m"  # bold green
             if "readline" in sys.modules:  # \x01..\x02: bytes that take no room on the line
@@ -233,42 +220,45 @@ class Terminal:
             prompt = f"{on}{prompt.rstrip()}{off} "
         return input(prompt)
 
-    def write(self, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     def stream(self, label: str, pieces, stats: ReplyStats) -> str:
         """Print a reply as it is generated; Ctrl-C ends it early and the chat goes on."""
-        text = ""
-        wrap = None
+        text, wrap = "", None
         if self.live:
             self.out.print(f"{label}> ", style="bold cyan", end="", markup=False)
             wrap = WordWrap(self.out.width, column=len(label) + 2)
         try:
             for piece in pieces:
                 text += piece
-                self.write(wrap.feed(piece) if wrap else piece)
+                print(wrap.feed(piece) if wrap else piece, end="", flush=True)
         except KeyboardInterrupt:
-            if stats.stop_reason == "running":
-                stats.stop_reason = "interrupted"
+            pass  # the reply ends, the chat goes on
         finally:
-            pieces.close()  # a reply stopped while printing still gets its memory reading
-        self.write((wrap.feed("", final=True) if wrap else "") + "\n")
+            pieces.close()  # marks the reply interrupted and takes its memory reading
+        print(wrap.feed("", final=True) if wrap else "", flush=True)
         self.info(stats.line())
         return text
 
     def compare(self, labels: list, generators: list, stats: list) -> list:
         """Two replies streaming in two columns (redrawn live in a terminal, printed once when plain)."""
         texts = ["" for _ in labels]
+
+        def interleave(on_step) -> None:  # in turns: both stream at once without fighting over the same cores
+            active = list(range(len(generators)))
+            while active:
+                for i in list(active):
+                    try:
+                        texts[i] += next(generators[i])
+                    except StopIteration:
+                        active.remove(i)
+                    on_step()
         try:
             if self.live:
                 from rich.live import Live
                 with Live(compare_table(labels, texts, stats, live=True), console=self.out, transient=True,
                           refresh_per_second=10) as live:
-                    interleave(generators, texts,
-                               on_step=lambda: live.update(compare_table(labels, texts, stats, live=True)))
+                    interleave(lambda: live.update(compare_table(labels, texts, stats, live=True)))
             else:
-                interleave(generators, texts, on_step=lambda: None)
+                interleave(lambda: None)
         except KeyboardInterrupt:
             for one in stats:
                 if one.stop_reason == "running":
@@ -293,22 +283,10 @@ def compare_table(labels: list, texts: list, stats: list, live: bool):
     return table
 
 
-def interleave(generators: list, texts: list, on_step) -> None:
-    """Advance the replies in turns, so both stream at once without two models fighting over the same cores."""
-    active = list(range(len(generators)))
-    while active:
-        for i in list(active):
-            try:
-                texts[i] += next(generators[i])
-            except StopIteration:
-                active.remove(i)
-            on_step()
-
-
 # ------------------------------------------------------------------------------------------ models
 def downloaded_models(models_dir: Path) -> list:
-    """(name, status) for registry models on disk, the default model (fetched offline) and other local folders.
-    Where a registry model lives is common.resolve_model's answer; this only words it for the menu."""
+    """(name, status) for registry models on disk (as common.resolve_model finds them), the default model (fetched
+    offline) and other model folders."""
     found = []
     for name, spec in common.REGISTRY.items():
         source = common.resolve_model(name, models_dir).source
@@ -318,12 +296,8 @@ def downloaded_models(models_dir: Path) -> list:
             found.append((name, "ready"))
         elif name == common.DEFAULT_MODEL:
             found.append((name, "fetched from the package index on first load"))
-    if models_dir.is_dir():
-        for folder in sorted(models_dir.iterdir()):
-            if folder.name not in common.REGISTRY and not folder.name.startswith(".") \
-                    and (folder / "config.json").exists():
-                found.append((str(folder), "local folder"))
-    return found
+    folders = sorted(config.parent for config in models_dir.glob("[!.]*/config.json"))
+    return found + [(str(folder), "local folder") for folder in folders if folder.name not in common.REGISTRY]
 
 
 def count_text(n: int) -> str:
@@ -334,11 +308,9 @@ def choose_model(ui: Terminal, models_dir: Path) -> str | None:
     """The start-up menu: a number, a name or a path; Enter takes the default model; Ctrl-D gives None."""
     from rich.table import Table
     choices = downloaded_models(models_dir)
-    table = Table(title="Downloaded models", title_justify="left")
-    for column in ("#", "model", "parameters", "status"):
-        table.add_column(column)
+    table = Table("#", "model", "parameters", "status", title="Downloaded models", title_justify="left")
     for number, (name, status) in enumerate(choices, 1):
-        spec = common.REGISTRY.get(name)
+        spec = common.REGISTRY.get(name)  # None for a local folder
         table.add_row(str(number), name, count_text(spec.n_params) if spec else "?", status)
     ui.out.print(table)
     ui.info("Others: `python download_models.py --list` shows every model and how to download it; "
@@ -371,27 +343,22 @@ def load_chat_model(name: str, *, device: str, dtype: str, quantize: str, contex
     except Exception as error:  # a broken folder, an unsupported architecture, a corrupt file...
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise common.UserError(f"{name} failed to load ({type(error).__name__}: {reason}).") from None
-    config = getattr(loaded.model.config, "text_config", None) or loaded.model.config
-    window = getattr(config, "max_position_embeddings", None) or wanted_context
+    window = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None) or wanted_context
     spec = loaded.resolved.spec
     templated = common.uses_chat_template(loaded.tokenizer, spec)
-    chat = ChatModel(loaded, min(window, wanted_context), frozenset(common.stop_token_ids(loaded.tokenizer, spec)),
-                     templated)
-    warm_up(chat)
+    chat = ChatModel(loaded, loaded.resolved.label, min(window, wanted_context),
+                     frozenset(common.stop_token_ids(loaded.tokenizer, spec)), templated)
+    # A few untimed tokens, so the first reply's timings are not one-off start-up costs (seconds on CPU).
+    warm_up = Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=WARM_UP_TOKENS)
+    ids = loaded.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+    for _ in stream_reply(Side(chat), ids, warm_up, WARM_UP_TOKENS, ReplyStats(chat.label)):
+        pass
     weights = loaded.quantize if loaded.quantize != "none" else loaded.dtype
     log(f"{chat.label}: {count_text(loaded.n_params)} parameters, {weights} on {loaded.device}, "
         f"{chat.context_tokens}-token context, "
         f"{'its chat template' if templated else 'plain User/Assistant prompt (no chat template)'}, "
         f"loaded in {loaded.load_sec:.1f} s ({common.human_bytes(loaded.weight_bytes)} of weights).")
     return chat
-
-
-def warm_up(chat: ChatModel) -> None:
-    """A few untimed tokens, so the first reply's timings are not one-off start-up costs (seconds on CPU)."""
-    settings = Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=WARM_UP_TOKENS)
-    ids = chat.loaded.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
-    for _ in stream_reply(Side(chat), ids, settings, WARM_UP_TOKENS, ReplyStats(chat.label)):
-        pass
 
 
 def load_models(names: list, options: dict, log, loaded: dict | None = None) -> list:
@@ -408,9 +375,7 @@ def load_models(names: list, options: dict, log, loaded: dict | None = None) -> 
 
 
 def open_models(session: Session, ui: Terminal, names: list) -> None:
-    """Load the named models (reusing those already loaded) and make them the ones that answer.
-
-    Models no longer named are dropped, so switching does not pile up weights in memory."""
+    """Make the named models the ones that answer; models no longer named are dropped (no weights pile up)."""
     session.use(load_models(names, session.load_options, ui.info, {chat.label: chat for chat in session.chats}))
 
 
@@ -425,22 +390,14 @@ def encode(chat: ChatModel, system: str, messages: list) -> list:
 
 def build_prompt(chat: ChatModel, history: list, settings: Settings, user_text: str) -> tuple:
     """(prompt ids, n oldest messages dropped, reply budget). When prompt + reply do not fit, whole exchanges go,
-    oldest first, until they fit in TRIM_TO_SHARE of the window (or, failing that, in all of it)."""
+    oldest first, until they fit in TRIM_TO_SHARE of the window."""
     new, reply = [{"role": "user", "content": user_text}], settings.max_new_tokens
-    ids = encode(chat, settings.system, history + new)
-    if len(ids) + reply <= chat.context_tokens:
-        return ids, 0, reply
-    fallback = None
-    for start in range(2, len(history) + 1, 2):
+    for start in range(0, len(history) + 1, 2):
         ids = encode(chat, settings.system, history[start:] + new)
-        if len(ids) + reply <= chat.context_tokens * TRIM_TO_SHARE:
+        if len(ids) + reply <= chat.context_tokens * (TRIM_TO_SHARE if start else 1):
             return ids, start, reply
-        if fallback is None and len(ids) + reply <= chat.context_tokens:
-            fallback = ids, start, reply
-    if fallback:
-        return fallback
-    if len(ids) < chat.context_tokens:  # fits alone, but leaves less room than --max-new-tokens
-        return ids, len(history), chat.context_tokens - len(ids)
+    if len(ids) < chat.context_tokens:  # the new message alone: the reply gets what is left of the window
+        return ids, len(history), min(reply, chat.context_tokens - len(ids))
     raise common.UserError(f"That prompt is {len(ids)} tokens (with the system prompt and template) but "
                            f"{chat.label}'s context window is {chat.context_tokens} tokens; shorten it.")
 
@@ -457,14 +414,10 @@ def held_back(text: str, stop_texts: tuple) -> int:
 
 
 def stream_reply(side: Side, prompt_ids: list, settings: Settings, max_new_tokens: int, stats: ReplyStats):
-    """Yield the reply's text as tokens are sampled (common.decode_steps over the side's KV cache).
-
-    Only the prompt tokens the cache does not hold yet are computed. Only the model's own work is timed (the clock
-    stops while the caller prints), so a comparison that alternates between two models measures each fairly."""
+    """Yield the reply's text as tokens are sampled (common.decode_steps over the side's KV cache, fed only what it
+    does not hold). Only the model's own work is timed, so alternating compared models measures each fairly."""
     import torch
-    chat = side.chat
-    tokenizer, device = chat.loaded.tokenizer, chat.loaded.device
-    stop_texts = () if chat.templated else PLAIN_STOP_TEXTS
+    chat, tokenizer, stop_texts = side.chat, side.chat.loaded.tokenizer, () if side.chat.templated else PLAIN_STOP_TEXTS
     stats.n_prompt_tokens = len(prompt_ids)
     stats.n_cached_tokens = side.reuse_cache(prompt_ids)
 
@@ -511,69 +464,53 @@ def stream_reply(side: Side, prompt_ids: list, settings: Settings, max_new_token
         if len(text.rstrip("\ufffd")) > shown:
             yield text.rstrip("\ufffd")[shown:]
     finally:  # also when Ctrl-C ends the reply: the timing line still shows the memory
-        stats.memory_in_use_bytes, stats.memory_kind = memory_in_use(device)
+        stats.stop_reason = "interrupted" if stats.stop_reason == "running" else stats.stop_reason
+        stats.memory_in_use_bytes, stats.memory_kind = memory_reading(chat.loaded.device)
 
 
-def memory_in_use(device: str) -> tuple:
-    """(bytes, kind): the CUDA allocator's live bytes on a GPU, the process's resident set on CPU."""
+def memory_reading(device: str, peak: bool = False) -> tuple:
+    """(bytes, kind) in use now, or with peak the most so far: the CUDA allocator's on a GPU, else the process RSS."""
     if device.startswith("cuda"):
         import torch
-        return torch.cuda.memory_allocated(), "vram_allocated"
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()), "vram_allocated"
     import psutil
-    return psutil.Process().memory_info().rss, "rss"
-
-
-def peak_memory(device: str) -> tuple:
-    """(bytes, kind): the most this process has held so far (the CUDA allocator's peak on a GPU)."""
-    if device.startswith("cuda"):
-        import torch
-        return torch.cuda.max_memory_allocated(), "vram_allocated"
     import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024), "rss"  # macOS counts bytes, Linux KiB
-
-
-def memory_word(kind: str) -> str:
-    return "VRAM" if kind == "vram_allocated" else "RSS"
-
-
-def prepare_reply(session: Session, ui: Terminal, side: Side, user_text: str) -> tuple:
-    """Prompt ids, reply budget and an empty stats record for one side; trims that side's history and says so."""
-    chat, history = side.chat, side.history
-    ids, n_dropped, budget = build_prompt(chat, history, session.settings, user_text)
-    if n_dropped:
-        del history[:n_dropped]
-        ui.info(f"(history trimmed: dropped the {n_dropped} oldest messages to fit {chat.label}'s "
-                f"{chat.context_tokens}-token context; the {len(ids)} tokens kept are encoded again, once)")
-    if budget < session.settings.max_new_tokens:
-        ui.info(f"(only {budget} tokens of {chat.label}'s context are left for the reply)")
-    stats = ReplyStats(chat.label, n_trimmed_messages=n_dropped, weight_bytes=chat.loaded.weight_bytes)
-    return ids, budget, stats
+    most = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    return (most if peak else psutil.Process().memory_info().rss), "rss"
 
 
 def answer(session: Session, ui: Terminal, user_text: str) -> None:
     """One prompt, answered by the current model or, when comparing, by both side by side."""
     session.cpu_threads.update()
-    prepared = [prepare_reply(session, ui, side, user_text) for side in session.sides]
+    generators, stats = [], []
+    for side in session.sides:  # each side trims its own history and says so
+        chat = side.chat
+        ids, n_dropped, budget = build_prompt(chat, side.history, session.settings, user_text)
+        if n_dropped:
+            del side.history[:n_dropped]
+            ui.info(f"(history trimmed: dropped the {n_dropped} oldest messages to fit {chat.label}'s "
+                    f"{chat.context_tokens}-token context; the {len(ids)} tokens kept are encoded again, once)")
+        if budget < session.settings.max_new_tokens:
+            ui.info(f"(only {budget} tokens of {chat.label}'s context are left for the reply)")
+        stats.append(ReplyStats(chat.label, n_trimmed_messages=n_dropped, weight_bytes=chat.loaded.weight_bytes))
+        generators.append(stream_reply(side, ids, session.settings, budget, stats[-1]))
     session.transcript.append({"role": "user", "content": user_text})
-    generators = [stream_reply(side, ids, session.settings, budget, stats)
-                  for side, (ids, budget, stats) in zip(session.sides, prepared)]
-    stats = [one for _, _, one in prepared]
     if len(generators) == 1:
-        texts = [ui.stream(session.sides[0].chat.label, generators[0], stats[0])]
+        texts = [ui.stream(chat.label, generators[0], stats[0])]
     else:
         texts = ui.compare(column_labels(session.chats), generators, stats)
     settings = dataclasses.asdict(session.settings)
     for side, text, one in zip(session.sides, texts, stats):
         side.remember(user_text, text)
         session.transcript.append({"role": "assistant", "model": side.chat.label, "content": text,
-                                   "settings": settings, "stats": one.record()})
+                                   "settings": settings,
+                                   "stats": {**dataclasses.asdict(one), "decode_tok_per_sec": one.decode_tok_per_sec}})
     if len(stats) == 2:
-        peak, kind = peak_memory(session.chats[0].loaded.device)
+        peak, kind = memory_reading(session.chats[0].loaded.device, peak=True)
         summary = speed_summary(*stats, same_tokenizer=session.same_vocab)
         session.transcript.append({"role": "comparison", "content": summary, "peak_memory_bytes": peak,
                                    "memory_kind": kind})
-        ui.info(f"{summary} Process peak {memory_word(kind)} {common.human_bytes(peak)} (both models).")
+        ui.info(f"{summary} Process peak {MEMORY_WORDS[kind]} {common.human_bytes(peak)} (both models).")
 
 
 def column_labels(chats: list) -> list:
@@ -612,13 +549,6 @@ def set_setting(settings: Settings, field: str, text: str, prefix: str = "") -> 
         what = "a whole number" if kind is int else "a number"
         raise common.UserError(f"{prefix}{word} must be {what} from {low:g} to {high:g}, not '{text}'.")
     setattr(settings, field, value)
-
-
-def settings_from_args(*, system: str, temperature: float, top_p: float, max_new_tokens: int) -> Settings:
-    settings = Settings(system=system, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    for field in SETTING_LIMITS:  # the same limits as the /commands
-        set_setting(settings, field, str(getattr(settings, field)), prefix="--")
-    return settings
 
 
 def command_setting(session: Session, ui: Terminal, name: str, arg: str) -> None:
@@ -675,11 +605,7 @@ def run_command(session: Session, ui: Terminal, line: str, interactive: bool) ->
     if name == "/help":
         for usage, meaning in COMMANDS.items():
             ui.info(f"  {usage:<22} {meaning}")
-        ui.info("  Ctrl-C stops a reply; Ctrl-D leaves.")
-        return True
-    if not ready(session, ui, interactive):
-        return False
-    if name == "/model":
+    elif name == "/model":
         target = arg or (choose_model(ui, session.load_options["models_dir"]) if interactive else None)
         if target is None:
             ui.info("Answering: " + ", ".join(chat.label for chat in session.chats) + ". Use /model NAME|PATH.")
@@ -707,10 +633,8 @@ def run_command(session: Session, ui: Terminal, line: str, interactive: bool) ->
 # ---------------------------------------------------------------------------------------- the loop
 def terminal_lines(ui: Terminal):
     """Lines typed at the prompt; Ctrl-C on an empty prompt only reminds how to leave; Ctrl-D leaves."""
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     while True:
         try:
             yield ui.ask("you> ", colour=True)
@@ -730,13 +654,12 @@ def chat_loop(session: Session, ui: Terminal, lines, interactive: bool) -> None:
         if not interactive:
             ui.info(f"you> {line}")
         try:
-            if line.startswith("/"):
-                if not run_command(session, ui, line, interactive):
-                    return
-            elif not ready(session, ui, interactive):
-                return
-            else:
+            if line.split()[0].lower() not in ("/help", "/quit", "/exit") and not ready(session, ui):
+                return  # the user left at the menu shown after a failed background load
+            if not line.startswith("/"):
                 answer(session, ui, line)
+            elif not run_command(session, ui, line, interactive):
+                return
         except common.UserError as error:
             session.n_errors += 1
             ui.error(str(error))
@@ -747,40 +670,40 @@ def chat_loop(session: Session, ui: Terminal, lines, interactive: bool) -> None:
 def start_models(session: Session, ui: Terminal, names: list | None, interactive: bool) -> bool:
     """The models named on the command line, else the menu (or, without a terminal, the default model). In a
     terminal they load in the background (see ready()). False: the user left at the menu."""
-    if names is None and not interactive:
-        ui.info(f"No --model given: using {common.DEFAULT_MODEL}.")
-        names = [common.DEFAULT_MODEL]
+    models_dir = session.load_options["models_dir"]
     if not interactive:
-        open_models(session, ui, names)
+        if names is None:
+            ui.info(f"No --model given: using {common.DEFAULT_MODEL}.")
+        open_models(session, ui, names or [common.DEFAULT_MODEL])
         return True
-    imports = None
-    if names is None:
-        imports = in_background(import_libraries)  # while the menu waits for the user
-        names = [choose_model(ui, session.load_options["models_dir"])]
+    # Most of a start-up is importing torch and transformers: begun now, while the menu waits for the user.
+    imports = in_background(functools.partial(importlib.import_module, "transformers.modeling_utils"))
+    while True:
+        try:
+            if names is not None:
+                for name in names:  # a mistyped name is said now, not after the load
+                    common.resolve_model(name, models_dir)
+                break
+        except common.UserError as error:
+            ui.error(str(error))
+        names = [choose_model(ui, models_dir)]
         if names == [None]:
             return False
-    ui.info(f"Loading {' and '.join(names)} in the background; type meanwhile (the first reply waits for it).")
     notes = []
     session.pending = in_background(functools.partial(load_models, names, session.load_options, notes.append),
                                     after=imports), notes
     return True
 
 
-def import_libraries() -> None:
-    """The imports every load needs, most of a start-up's seconds."""
-    import torch  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
-
-
 def in_background(job, after=None):
-    """A Future of job() run on a daemon thread (leaving the chat never waits for it), started once `after` is
-    done: two threads inside transformers' lazy imports at once fail."""
+    """job() on a daemon thread (leaving never waits for it) as a Future, once `after` is done (two threads in
+    transformers' lazy imports at once fail)."""
     from concurrent.futures import Future
     future = Future()
 
     def run():
         if after is not None:
-            after.exception()
+            after.exception()  # waits
         try:
             future.set_result(job())
         except BaseException as error:  # handed to the main thread by future.result()
@@ -789,9 +712,8 @@ def in_background(job, after=None):
     return future
 
 
-def ready(session: Session, ui: Terminal, interactive: bool) -> bool:
-    """Wait for the background start-up load, if one runs; when it failed, say why and offer the menu again.
-    False: the user left at that menu."""
+def ready(session: Session, ui: Terminal) -> bool:
+    """Wait for the background start-up load, if any; if it failed, the menu again. False: the user left there."""
     while session.pending:
         future, notes = session.pending
         error = future.exception()  # waits; Ctrl-C interrupts the wait, not the load
@@ -800,9 +722,9 @@ def ready(session: Session, ui: Terminal, interactive: bool) -> bool:
             ui.info(note)
         if error is None:
             session.use(future.result())
-        elif isinstance(error, common.UserError) and interactive:
+        elif isinstance(error, common.UserError):  # only a terminal loads in the background: offer the menu
             ui.error(str(error))
-            if not start_models(session, ui, None, interactive):
+            if not start_models(session, ui, None, interactive=True):
                 return False
         else:
             raise error
@@ -812,31 +734,27 @@ def ready(session: Session, ui: Terminal, interactive: bool) -> bool:
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", help="registry name, model folder or .gguf file (default: a menu in a terminal, "
-                                       f"else {common.DEFAULT_MODEL})")
-    which.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                       help="answer every prompt with two models side by side")
+    which.add_argument("--model", help="registry name, model folder or .gguf file; None: the menu in a terminal, "
+                                       f"else {common.DEFAULT_MODEL}")
+    which.add_argument("--compare", nargs=2, metavar=("A", "B"), help="answer each prompt with two models side by side")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
-    parser.add_argument("--system", default="", help="system prompt (empty: none, the template's own)")
+    parser.add_argument("--system", default="", help="system prompt; empty: the template's own")
     parser.add_argument("--temperature", type=common.non_negative_float, default=0.7,
                         help=f"sampling temperature, 0 = greedy (at most {SETTING_LIMITS['temperature'][3]:g})")
-    parser.add_argument("--top-p", type=common.probability, default=0.9,
-                        help="nucleus sampling's probability mass (0.01 to 1)")
+    parser.add_argument("--top-p", type=common.probability, default=0.9, help="nucleus sampling's mass (0.01 to 1)")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=256, help="longest reply, in tokens")
     common.deprecated_alias(parser, "--max-tokens", "--max-new-tokens")
     parser.add_argument("--context-tokens", type=common.positive_int, default=None,
-                        help=f"history window in tokens (default: the model's own, at most {MAX_CONTEXT_TOKENS})")
+                        help=f"history window in tokens; None: the model's own, at most {MAX_CONTEXT_TOKENS}")
     parser.add_argument("--device", default="auto", choices=common.DEVICE_CHOICES, help="where the model runs")
-    parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES,
-                        help="weight dtype (auto: bfloat16 where supported)")
-    parser.add_argument("--quantize", default="none", choices=common.QUANTIZE_CHOICES,
-                        help="bitsandbytes weight quantization")
+    parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES, help="auto: bfloat16 where supported")
+    parser.add_argument("--quantize", default="none", choices=common.QUANTIZE_CHOICES, help="bitsandbytes weights")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, so a piped session is repeatable")
     common.add_common_flags(parser)
     parser.epilog = (parser.epilog or "") + "\n\nCommands in the chat: " + ", ".join(c.split()[0] for c in COMMANDS)
     args = parser.parse_args(argv)
-    if args.context_tokens is not None and args.context_tokens < MIN_CONTEXT_TOKENS:
-        parser.error(f"argument --context-tokens: must be at least {MIN_CONTEXT_TOKENS}")
+    if args.context_tokens is not None and args.context_tokens < 16:  # not even a template's headers fit
+        parser.error("argument --context-tokens: must be at least 16")
     return args
 
 
@@ -844,11 +762,13 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     interactive = sys.stdin.isatty() and args.prompt is None
     ui = Terminal(batch=not interactive)
-    session = Session(settings_from_args(system=args.system, temperature=args.temperature, top_p=args.top_p,
-                                         max_new_tokens=args.max_new_tokens),
-                      load_options={"device": args.device, "dtype": args.dtype, "quantize": args.quantize,
-                                    "context_tokens": args.context_tokens, "models_dir": args.models_dir},
-                      results_dir=args.results_dir, threads=args.threads, seed=args.seed)
+    settings = Settings(system=args.system, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens)
+    for field in SETTING_LIMITS:  # the upper limits of the /commands apply to the flags too
+        set_setting(settings, field, str(getattr(settings, field)), prefix="--")
+    load_options = {"device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+                    "context_tokens": args.context_tokens, "models_dir": args.models_dir}
+    session = Session(settings, load_options, results_dir=args.results_dir, threads=args.threads, seed=args.seed)
     if args.prompt is None:  # /save can come: say now, not after an hour of chat, when it cannot work
         try:
             common.check_writable(args.results_dir, what="results folder")
@@ -859,7 +779,8 @@ def run(argv=None) -> int:
     if args.prompt is not None:
         lines = [args.prompt]
     elif interactive:
-        ui.info("Type a message, or /help for the commands. Ctrl-C stops a reply, Ctrl-D or /quit leaves.")
+        ui.info("Type a message (the model loads meanwhile), or /help for the commands. Ctrl-C stops a reply, "
+                "Ctrl-D or /quit leaves.")
         lines = terminal_lines(ui)
     else:
         lines = sys.stdin

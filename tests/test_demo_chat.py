@@ -190,7 +190,7 @@ def test_terminal_menu_streaming_ctrl_c_and_side_by_side(smollm2, tiny_models):
         chat.expect(r"smollm2-135m\W+135M\W+ready")  # the menu lists the downloaded default model
         chat.expect(r"Enter = smollm2-135m\]: ")
         chat.send("\r")
-        chat.expect(r"Loading smollm2-135m in the background")
+        chat.expect(r"the model loads meanwhile")
         chat.expect(r"you> ")  # up while the model loads
         assert "\x1b[" in chat.raw.decode("utf-8", "replace")  # colour: it knows it is on a terminal
         chat.read(0.5)
