@@ -23,15 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "demo_chat.py"
 PYTHON = sys.executable
 # One torch thread: the tests check behaviour, not speed, and on a shared machine two spinning OpenMP threads per
-# process run several times slower than one.
+# process run several times slower than one (--threads 0, the default, would take every idle core).
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ONE_THREAD = ["--threads", "1"]
 # CSI sequences (colours, cursor moves), OSC sequences and two-character escapes.
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[@-Z\\-_]")
 
 
 def run_chat(args: list, stdin: str = "", env: dict | None = None, timeout: float = 180):
     env = {**os.environ, **THREADS_ENV, "TERM": "dumb", **(env or {})}
-    return subprocess.run([PYTHON, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([PYTHON, str(SCRIPT), *args, *ONE_THREAD], input=stdin, capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
 
 
@@ -50,8 +51,8 @@ class PtySession:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.process = subprocess.Popen([PYTHON, str(SCRIPT), *args], stdin=slave, stdout=slave, stderr=slave,
-                                        env=env, cwd=REPO, preexec_fn=become_controlling_terminal)
+        self.process = subprocess.Popen([PYTHON, str(SCRIPT), *args, *ONE_THREAD], stdin=slave, stdout=slave,
+                                        stderr=slave, env=env, cwd=REPO, preexec_fn=become_controlling_terminal)
         os.close(slave)
         self.fd, self.raw, self.reads = master, b"", []  # reads: (monotonic time, bytes) of every read
 
