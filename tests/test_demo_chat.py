@@ -23,15 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "demo_chat.py"
 PYTHON = sys.executable
 # One torch thread: the tests check behaviour, not speed, and on a shared machine two spinning OpenMP threads per
-# process run several times slower than one.
+# process run several times slower than one (--threads 0, the default, would take every idle core).
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ONE_THREAD = ["--threads", "1"]
 # CSI sequences (colours, cursor moves), OSC sequences and two-character escapes.
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[@-Z\\-_]")
 
 
 def run_chat(args: list, stdin: str = "", env: dict | None = None, timeout: float = 180):
     env = {**os.environ, **THREADS_ENV, "TERM": "dumb", **(env or {})}
-    return subprocess.run([PYTHON, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([PYTHON, str(SCRIPT), *args, *ONE_THREAD], input=stdin, capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
 
 
@@ -50,8 +51,8 @@ class PtySession:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.process = subprocess.Popen([PYTHON, str(SCRIPT), *args], stdin=slave, stdout=slave, stderr=slave,
-                                        env=env, cwd=REPO, preexec_fn=become_controlling_terminal)
+        self.process = subprocess.Popen([PYTHON, str(SCRIPT), *args, *ONE_THREAD], stdin=slave, stdout=slave,
+                                        stderr=slave, env=env, cwd=REPO, preexec_fn=become_controlling_terminal)
         os.close(slave)
         self.fd, self.raw, self.reads = master, b"", []  # reads: (monotonic time, bytes) of every read
 
@@ -89,8 +90,10 @@ class PtySession:
 def test_help_lists_commands_and_flags():
     done = run_chat(["--help"])
     assert done.returncode == 0
-    for text in ("--compare", "--prompt", "--quantize", "--device", "/compare", "/save", "/max-tokens"):
-        assert text in done.stdout
+    for text in ("--compare", "--prompt", "--quantize", "--device", "/compare", "/save", "/max-new-tokens",
+                 "--max-new-tokens", "--threads", "--results-dir", "--models-dir", "(default: 0.7)"):
+        assert text in " ".join(done.stdout.split())
+    assert "--max-tokens" not in done.stdout  # the old spelling still works, but is not advertised
 
 
 def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
@@ -100,11 +103,11 @@ def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     lines = ["hello there", "the quick brown fox", "tell me about the lazy dog and small models",
              "Paris " * 200,  # longer than the whole 96-token window
-             "/temp abc", "/bogus", "/model no-such-model", f"/model {broken}",
-             "/max-tokens 6", "/temp 0", "one more question",
+             "/temp abc", "/max-new-tokens 1.5", "/bogus", "/model no-such-model", f"/model {broken}",
+             "/max-new-tokens 6", "/temp 0", "one more question",
              f"/compare {tiny_models['gpt_neox']}", "What is the capital of France?",
              "/save", "/quit", "never read"]
-    done = run_chat(["--model", str(tiny_models["llama"]), "--context-tokens", "96", "--max-tokens", "10",
+    done = run_chat(["--model", str(tiny_models["llama"]), "--context-tokens", "96", "--max-new-tokens", "10",
                      "--temperature", "0.8", "--seed", "1"], stdin="\n".join(lines) + "\n")
     assert "\x1b" not in done.stdout and "\x1b" not in done.stderr
     assert "Traceback" not in done.stderr
@@ -112,7 +115,8 @@ def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
     assert done.stderr.count("TTFT ") == 4
     assert "history trimmed: dropped the" in done.stderr
     assert "context window is 96 tokens" in done.stderr
-    assert "temperature must be a float from 0.0 to 5.0, not 'abc'" in done.stderr
+    assert "error: temperature must be a number from 0 to 5, not 'abc'." in done.stderr
+    assert "error: max-new-tokens must be a whole number from 1 to 100000, not '1.5'." in done.stderr
     assert "Unknown command /bogus" in done.stderr
     assert "Unknown model 'no-such-model'" in done.stderr
     assert "broken-model failed to load" in done.stderr
@@ -123,6 +127,10 @@ def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
     assert re.fullmatch(r"\| llama +\| gpt_neox +\|", header)  # side by side, one column each
     assert done.stdout.count("TTFT ") == 2
     assert re.search(r"(llama|gpt_neox) was faster: \d+\.\d\dx the tokens/sec of (llama|gpt_neox)", done.stderr)
+    # each column shows its own model's weights; the process's peak memory is said once, under the table
+    table_rows = [line for line in done.stdout.splitlines() if "TTFT " in line]
+    assert len(table_rows) == 1 and table_rows[0].count("weights ") == 2 and "RSS" not in table_rows[0]
+    assert done.stderr.count("Process peak RSS") == 1
 
     [record] = saved_records(results_dir)
     assert record["kind"] == "chat" and record["schema_version"] == 1
@@ -141,7 +149,12 @@ def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
         assert one["stop_reason"] in ("stop_token", "stop_text", "max_tokens")
         assert one["decode_tok_per_sec"] is None or one["decode_tok_per_sec"] > 0
     assert stats[1]["n_trimmed_messages"] == 0 and stats[1]["n_prompt_tokens"] > stats[0]["n_prompt_tokens"]
-    assert any(one["n_trimmed_messages"] > 0 for one in stats[2:4])
+    # the second turn reuses the first turn's KV cache: at least the first prompt is not computed again
+    assert stats[0]["n_cached_tokens"] == 0 and stats[1]["n_cached_tokens"] >= stats[0]["n_prompt_tokens"]
+    trimmed = [one for one in stats[2:4] if one["n_trimmed_messages"] > 0]
+    assert trimmed and trimmed[0]["n_cached_tokens"] < trimmed[0]["n_prompt_tokens"] // 2  # encoded again
+    assert re.search(r"history trimmed: dropped the \d+ oldest messages to fit llama's 96-token context; "
+                     r"the \d+ tokens kept are encoded again, once\)", done.stderr)
     assert replies[3]["settings"]["temperature"] == 0 and replies[3]["settings"]["max_new_tokens"] == 6
     assert all(one["n_completion_tokens"] <= 6 for one in stats[3:])
     assert [entry["role"] for entry in record["transcript"]].count("comparison") == 1
@@ -173,13 +186,18 @@ def test_terminal_menu_streaming_ctrl_c_and_side_by_side(smollm2, tiny_models):
     """In a real terminal: the menu, a reply streamed token by token, Ctrl-C mid-reply, then /compare."""
     env = {**os.environ, **THREADS_ENV, "TERM": "xterm-256color", "COLUMNS": "110", "LINES": "40"}
     env.pop("NO_COLOR", None)
-    chat = PtySession(["--temperature", "0", "--max-tokens", "200"], env)
+    chat = PtySession(["--temperature", "0", "--max-new-tokens", "200"], env)
     try:
         chat.expect(r"smollm2-135m\W+135M\W+ready")  # the menu lists the downloaded default model
         chat.expect(r"Enter = smollm2-135m\]: ")
         chat.send("\r")
-        chat.expect(r"you> ")
+        chat.expect(r"the model loads meanwhile")
+        chat.expect(r"you> ")  # up while the model loads
         assert "\x1b[" in chat.raw.decode("utf-8", "replace")  # colour: it knows it is on a terminal
+        chat.read(0.5)
+        chat.send("\r")  # an empty Enter: a fresh prompt on a line of its own
+        chat.expect(r"you> *\r?\n(\x1b\[[0-9;]*m)*you> ")
+        assert "you> you>" not in chat.screen()
         start, n_reads = len(chat.screen()), len(chat.reads)
         chat.send("Count from 1 to 100, separated by commas.\r")
         chat.expect(r"\d+, \d+, \d+, \d+, \d+, ", start=start)
@@ -190,8 +208,8 @@ def test_terminal_menu_streaming_ctrl_c_and_side_by_side(smollm2, tiny_models):
         after_stop = len(chat.screen())
         chat.expect(r"you> ", start=after_stop - 5)  # the chat goes on
 
-        chat.send("/max-tokens 24\r")
-        chat.expect(r"max_new_tokens = 24", start=after_stop)
+        chat.send("/max-new-tokens 24\r")
+        chat.expect(r"max-new-tokens = 24", start=after_stop)
         chat.send(f"/compare {tiny_models['llama']}\r")
         chat.expect(r"Comparing smollm2-135m and llama", start=after_stop)
         chat.send("Say hello.\r")
@@ -199,9 +217,116 @@ def test_terminal_menu_streaming_ctrl_c_and_side_by_side(smollm2, tiny_models):
         tail = chat.screen()[after_stop:]
         assert re.search(r"│ smollm2-135m +│ llama +│", tail)  # two columns, side by side
         assert tail.count("TTFT ") >= 2 and summary
+        assert tail.count("Process peak RSS") == 1
         chat.expect(r"you> ", start=len(chat.screen()) - 5)
         chat.read(0.5)  # let input() take the terminal, or the Ctrl-D lands before readline and is lost
         chat.send("\x04")  # Ctrl-D leaves
         assert chat.process.wait(30) == 0
     finally:
         chat.close()
+
+
+def test_ctrl_d_at_the_menu_leaves_quietly(tiny_models, tmp_path):
+    """The menu names the download script's list, and Ctrl-D there is a way out, not an error."""
+    env = {**os.environ, **THREADS_ENV, "TERM": "xterm-256color"}
+    chat = PtySession(["--models-dir", str(tmp_path)], env)
+    try:
+        chat.expect(r"python download_models.py --list")
+        chat.expect(r"Enter = smollm2-135m\]: ")
+        chat.read(0.5)
+        chat.send("\x04")
+        assert chat.process.wait(30) == 0
+        chat.read(0.5)
+        assert "error" not in chat.screen().lower() and "Traceback" not in chat.screen()
+    finally:
+        chat.close()
+
+
+BAD_VALUES = [["--threads", "-1"], ["--max-new-tokens", "0"], ["--max-tokens", "-5"], ["--temperature", "-1"],
+              ["--temperature", "9"], ["--temperature", "nan"], ["--top-p", "2"], ["--top-p", "0"],
+              ["--dtype", "bogus"], ["--device", "gpu"], ["--quantize", "2bit"], ["--context-tokens", "8"],
+              ["--seed", "x"]]
+
+
+def test_bad_values_exit_2_with_one_sentence_before_torch():
+    """Each bad flag value is refused by main() with exit 2 and one error line, before torch is imported."""
+    code = ("import sys, demo_chat\n"
+            "for argv in " + repr(BAD_VALUES) + ":\n"
+            "    try:\n"
+            "        code = demo_chat.main(argv + ['--prompt', 'hi'])\n"
+            "    except SystemExit as leaving:  # argparse leaves this way\n"
+            "        code = leaving.code\n"
+            "    assert code == 2, argv\n"
+            "    assert 'torch' not in sys.modules, argv\n")
+    done = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **THREADS_ENV})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    # argparse's errors come after its usage lines; every refusal ends in exactly one "error:" line
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == len(BAD_VALUES), done.stderr
+    for argv, line in zip(BAD_VALUES, errors):
+        assert argv[0] in line or argv[0].lstrip("-") in line, (argv, line)
+
+
+def test_word_wrap_breaks_streamed_text_between_words():
+    import demo_chat
+    text = "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun.\nShort line."
+    for size in (1, 3, 7):  # however the stream is cut into pieces
+        wrap = demo_chat.WordWrap(width=20, column=6)
+        shown = "".join(wrap.feed(text[i:i + size]) for i in range(0, len(text), size)) + wrap.feed("", final=True)
+        lines = ("x" * 6 + shown).split("\n")  # the label "model> " takes the first 6 columns
+        assert all(len(line) <= 20 for line in lines), lines
+        assert shown.split() == text.split()  # no word cut, none lost
+        assert lines[-1] == "Short line."
+
+
+def test_save_failure_keeps_the_chat(tiny_models, tmp_path):
+    """An unwritable results folder is named at the start; /save then fails in one line and the chat goes on."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the results folder should be")
+    done = run_chat(["--model", str(tiny_models["llama"]), "--max-new-tokens", "4",
+                     "--results-dir", str(blocker / "results")], stdin="hello\n/save\nhello again\n")
+    assert "Traceback" not in done.stderr and done.returncode == 1
+    assert re.search(r"note: The results folder .*not-a-folder/results cannot be written", done.stderr)
+    assert re.search(r"error: Not saved: Could not write chat-llama-\S+\.json into \S+ \(.+\)\. The chat goes on\.",
+                     done.stderr)
+    assert done.stderr.count("TTFT ") == 2  # the turn after the failed /save was answered
+
+
+def test_kv_cache_reuse_matches_a_fresh_prefill(tiny_models):
+    """The cache a chat keeps holds exactly its token ids: the next token's logits equal a full prefill's,
+    also after the cache is cropped back to a shorter common prefix."""
+    import torch
+
+    import common
+
+    import models
+    import demo_chat
+    chat = demo_chat.load_chat_model(str(tiny_models["llama"]), device="cpu", dtype="float32", quantize="none",
+                                     context_tokens=512, models_dir=common.MODELS_DIR, log=lambda *_: None)
+    settings = demo_chat.Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=8)
+    side = demo_chat.Side(chat)
+    for text in ("hello there", "the quick brown fox", "and the lazy dog"):
+        ids, _, budget = demo_chat.build_prompt(chat, side.history, settings, text)
+        stats = demo_chat.ReplyStats(chat.label)
+        side.remember(text, "".join(demo_chat.stream_reply(side, ids, settings, budget, stats)))
+        assert side.cache.get_seq_length() == len(side.cached_ids)
+    assert stats.n_cached_tokens > len(ids) // 2  # the third turn computed only its new tokens
+
+    def next_logits(probe: list):
+        n_cached = side.reuse_cache(probe)
+        with torch.inference_mode():
+            cached = models.forward_logits(chat.loaded.model, probe[n_cached:], side.cache)
+            fresh = models.forward_logits(chat.loaded.model, probe, models.new_cache())
+        side.cached_ids += probe[n_cached:]
+        return n_cached, cached, fresh
+
+    probe, _, _ = demo_chat.build_prompt(chat, side.history, settings, "one more")
+    n_cached, cached, fresh = next_logits(probe)
+    assert 0 < n_cached < len(probe) and torch.allclose(cached, fresh, atol=1e-4)
+    half = n_cached // 2
+    diverged = probe[:half] + probe[-5:]  # shares only about half of what the cache holds: it is cropped
+    n_cached, cached, fresh = next_logits(diverged)
+    assert half <= n_cached < len(probe)
+    assert side.cache.get_seq_length() == len(diverged) and torch.allclose(cached, fresh, atol=1e-4)
