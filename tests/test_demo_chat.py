@@ -119,7 +119,7 @@ def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
     assert "error: max-new-tokens must be a whole number from 1 to 100000, not '1.5'." in done.stderr
     assert "Unknown command /bogus" in done.stderr
     assert "Unknown model 'no-such-model'" in done.stderr
-    assert "broken-model failed to load" in done.stderr
+    assert "broken-model/model.safetensors is damaged or truncated" in done.stderr
     assert "never read" not in done.stderr  # /quit left before it
     # the comparison: a plain two-column table on stdout, a base model with a plain prompt, the speed summary
     assert "gpt_neox: " in done.stderr and "plain User/Assistant prompt (no chat template)" in done.stderr
