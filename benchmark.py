@@ -665,12 +665,11 @@ def run(argv=None) -> int:
     if args.quick and not args.child:
         common.check_writable(common.REPO_DIR / "docs", what="docs folder")
     if "humaneval" in args.phases.split(",") and not args.child:
-        import sandbox  # say up front, before any model loads, how generated code will be fenced (or refuse)
+        import sandbox  # refuse before any model loads when generated code cannot be fenced as asked
         try:
-            report = sandbox.isolation_report(args.sandbox)
+            sandbox.isolation_report(args.sandbox)  # probed once per process; the phase prints its sentence
         except sandbox.SandboxUnavailable as error:
             raise common.UserError(str(error)) from None
-        console.print(report["summary"])
     use_hub = hub_reachable()
     if not use_hub and from_command_line:
         # Fail fast instead of retrying an unreachable hub inside transformers/datasets. Only for a real command
