@@ -388,6 +388,8 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=pri
     common.check_writable(folder.parent, need_bytes=need, what="models folder")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # our one line above says what is happening; tqdm bars only clutter logs
 
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")  # per process: two scripts may convert at once
     shutil.rmtree(staging, ignore_errors=True)
