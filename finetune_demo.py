@@ -743,10 +743,10 @@ def add_recipe_flags(parser, names=None) -> None:
                                 help=field.metadata["help"], **how)
 
 
-def recipe_from(args) -> Recipe:
-    """The Recipe a parsed command line asks for (fields it has no flag for keep their defaults)."""
-    return dataclasses.replace(DEFAULTS, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
-                                            if hasattr(args, f.name)})
+def recipe_from(values: dict) -> Recipe:
+    """The Recipe that a command line's values (vars(args)) ask for; fields with no flag keep their defaults."""
+    return dataclasses.replace(DEFAULTS, **{f.name: values[f.name] for f in dataclasses.fields(Recipe)
+                                            if f.name in values})
 
 
 def quiet_libraries() -> None:
@@ -774,7 +774,7 @@ def run(argv=None) -> int:
                 "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens, "console": console}
     if args.eval_adapter:
         return eval_adapter(args.eval_adapter, **settings)
-    path = finetune(recipe=recipe_from(args), train_file=args.train_file, output_dir=args.output_dir,
+    path = finetune(recipe=recipe_from(vars(args)), train_file=args.train_file, output_dir=args.output_dir,
                     results_dir=args.results_dir, resume=args.resume, **settings)
     return 0 if path else 130
 

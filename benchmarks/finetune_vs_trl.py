@@ -195,7 +195,7 @@ def run(argv=None) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if "trl" not in arms or not set(arms) <= set(ARMS):
         raise common.UserError(f"--arms must include trl and name only {', '.join(ARMS)}.")
-    settings = {"model": args.model, "recipe": finetune_demo.recipe_from(args), "train_file": args.train_file,
+    settings = {"model": args.model, "recipe": finetune_demo.recipe_from(vars(args)), "train_file": args.train_file,
                 "heldout_file": args.heldout_file, "models_dir": args.models_dir,
                 "eval_batch_size": args.eval_batch_size, "max_new_tokens": args.max_new_tokens}
     for data_file in (args.train_file, args.heldout_file):

@@ -92,7 +92,7 @@ def test_bad_flag_exits_2_with_one_error_line_before_torch(flags):
 def test_warmup_is_a_deprecated_alias_of_warmup_steps(capsys):
     assert finetune_demo.parse_args(["--warmup", "3"]).warmup_steps == 3
     assert "--warmup is deprecated" in capsys.readouterr().err
-    assert finetune_demo.recipe_from(finetune_demo.parse_args([])) == finetune_demo.DEFAULTS
+    assert finetune_demo.recipe_from(vars(finetune_demo.parse_args([]))) == finetune_demo.DEFAULTS
 
 
 def test_non_utf8_training_file_is_named_by_line(tmp_path, capsys):
