@@ -9,16 +9,8 @@ text, a fixed SVG hash salt, no date; the data's hash goes into the SVG's descri
 from __future__ import annotations
 
 import io
-import math
 
-
-def wilson(x: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    if n <= 0:
-        return 0.0, 1.0
-    p, denominator = x / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denominator, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
+import common  # docs/generate.py puts the repository root on sys.path
 
 
 def draw_quality(plt, data):
@@ -95,7 +87,7 @@ def draw_finetune(plt, data):
         loss.plot(range(1, len(run["loss"]) + 1), run["loss"], color=f"C{i}", label=f"{run['label']} [{run['rid']}]")
         for j, (x, n) in enumerate(run["counts"]):
             if isinstance(x, int) and isinstance(n, int) and 0 <= x <= n > 0:
-                low, high = wilson(x, n)
+                low, high = common.wilson_interval(x, n)
                 bars.bar(i * 3 + j, x / n * 100, yerr=[[max(0, x / n - low) * 100], [max(0, high - x / n) * 100]], capsize=3,
                          color=f"C{i}", alpha=0.45 if j == 0 else 1.0)
     loss.set_yscale("log")
