@@ -269,7 +269,14 @@ def run(request, tmp_path_factory):
     world["driver_placeholder"] = "DRIVER_PID"
     env = {"PATH": "/usr/bin:/bin", "HOME": world["home"], "HF_TOKEN": SECRET, "LANG": "C.UTF-8"}
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    driver = subprocess.Popen([interpreter, "-c", DRIVER, str(REPO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    code = REPO
+    if uid is not None:  # the clone may sit in a folder only root can enter (mktemp -d is 0700): copy what it imports
+        code = root / "code"
+        code.mkdir(mode=0o755)
+        for name in ("sandbox.py", "sandbox_launcher.py"):
+            shutil.copy(REPO / name, code / name)
+            (code / name).chmod(0o644)
+    driver = subprocess.Popen([interpreter, "-c", DRIVER, str(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=env,
                               cwd=world["root"], text=True, **user)
     out, err = driver.communicate(json.dumps({"mode": mode, "attacks": attacks(world)}), timeout=240)
