@@ -552,29 +552,15 @@ def print_summary(console, record: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def comma_list(allowed: tuple | None = None, what: str = "value"):
-    """argparse type for "a,b,c": a non-empty list, each item among `allowed` when given."""
-    def parse(text: str) -> str:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"'{text}' names no {what}")
-        bad = [item for item in items if allowed and item not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; use {', '.join(allowed)}")
-        return ",".join(items)
-    parse.__name__ = f"comma-separated {what}s"
-    return parse
-
-
 def parse_args(argv=None):
     from mmlu import MMLU_SUBJECTS
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--models", type=comma_list(what="model"), default=",".join(models.SEED_MODELS),
+    parser.add_argument("--models", type=common.comma_list(what="model"), default=",".join(models.SEED_MODELS),
                         help="comma-separated registry names, local folders, .gguf files or hub ids "
                              "(default: the four seed models)")
-    parser.add_argument("--quantize", type=comma_list(common.QUANTIZE_CHOICES, "quantization"), default="none",
+    parser.add_argument("--quantize", type=common.comma_list(common.QUANTIZE_CHOICES, "quantization"), default="none",
                         help="comma-separated: none, 8bit, 4bit (one record each)")
-    parser.add_argument("--phases", type=comma_list(PHASES, "phase"), default=",".join(PHASES),
+    parser.add_argument("--phases", type=common.comma_list(PHASES, "phase"), default=",".join(PHASES),
                         help="comma-separated subset of mmlu,humaneval,speed")
     parser.add_argument("--quick", action="store_true",
                         help=f"README main job: {QUICK_DEFAULTS['models']} with small limits (~5 min on 2 CPU cores), "
@@ -588,7 +574,7 @@ def parse_args(argv=None):
     parser.add_argument("--mmlu-shots", type=common.non_negative_int, default=5,
                         help="few-shot exemplars (5, as the Open LLM Leaderboard)")
     parser.add_argument("--mmlu-limit", type=common.non_negative_int, default=0, help="questions per subject (0: all)")
-    parser.add_argument("--mmlu-subjects", type=comma_list(what="subject"), default=",".join(MMLU_SUBJECTS),
+    parser.add_argument("--mmlu-subjects", type=common.comma_list(what="subject"), default=",".join(MMLU_SUBJECTS),
                         help="comma-separated MMLU subjects")
     parser.add_argument("--mmlu-chunk", type=common.positive_int, default=32, help="questions per logged step")
     parser.add_argument("--mmlu-batch-size", type=common.positive_int, default=8, help="suffixes per forward pass")

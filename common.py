@@ -186,27 +186,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str = "cpu") -> dict:
-    """Library versions and hardware: the provenance block of every results record."""
+def environment(device: str = "cpu", *, torch_readings: bool = True) -> dict:
+    """Library versions and hardware: the provenance block of every results record. torch_readings=False leaves out
+    what needs torch imported (its threads, the GPU): a download record must not wait ~12 s for that import."""
     from importlib import metadata
     import psutil
-    import torch
     versions = {}
     for package in ("torch", "transformers", "accelerate", "peft", "trl", "bitsandbytes", "huggingface_hub",
-                    "datasets", "gguf", "safetensors"):
+                    "httpx2", "datasets", "gguf", "safetensors"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-    gpu = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        gpu = {"name": props.name, "total_memory_bytes": props.total_memory,
-               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    gpu, torch_threads = None, None
+    if torch_readings:
+        import torch
+        torch_threads = torch.get_num_threads()
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            gpu = {"name": props.name, "total_memory_bytes": props.total_memory,
+                   "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
     commit = None
     with contextlib.suppress(Exception):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or None
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-            "n_cpu": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "n_cpu": os.cpu_count(), "torch_threads": torch_threads,
             "ram_total_bytes": psutil.virtual_memory().total, "device": device, "gpu": gpu,
             "versions": versions, "git_commit": commit}
 
@@ -444,6 +447,22 @@ non_negative_int = _number_type(int, "a whole number", lambda v: v >= 0, "0 or m
 positive_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v > 0, "a number above 0")
 non_negative_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v >= 0, "0 or more")
 probability = _number_type(float, "a number", lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def comma_list(allowed: tuple | None = None, what: str = "value"):
+    """argparse type for "a,b,c": a non-empty list, each item among `allowed` when given."""
+    import argparse
+
+    def parse(text: str) -> str:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"'{text}' names no {what}")
+        bad = [item for item in items if allowed and item not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; use {', '.join(allowed)}")
+        return ",".join(items)
+    parse.__name__ = f"comma-separated {what}s"
+    return parse
 
 
 def argument_parser(doc: str):

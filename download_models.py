@@ -30,7 +30,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import os
-import platform
 import shutil
 import sys
 import time
@@ -668,18 +667,6 @@ def refused_result(target: Target, models_dir: Path, status: str, message: str |
             "resumed_bytes": 0, "files": []}
 
 
-def download_environment() -> dict:
-    """The provenance block without torch: a download needs none (common.environment imports it, which took
-    about 12 s after the last byte)."""
-    from importlib import metadata
-    versions = {}
-    for package in ("huggingface_hub", "httpx2"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": common.cpu_name(),
-            "n_cpu": os.cpu_count(), "device": "cpu", "versions": versions}
-
-
 def run(argv=None) -> int:
     args = parse_args(argv)
     names_text = getattr(args, "models", "all" if args.list else "seeds")
@@ -708,7 +695,7 @@ def run(argv=None) -> int:
     config = {"models": [t.name for t in targets], "targets": args.targets, "verify": args.verify,
               "revision": args.revision, "models_dir": str(args.models_dir), "results_dir": str(args.results_dir),
               "endpoint": hub.endpoint()}
-    record = common.result_record("download", config, download_environment(),
+    record = common.result_record("download", config, common.environment("cpu", torch_readings=False),
                                   status="complete" if not n_failed else "failed", models=results,
                                   n_failed=n_failed, fetched_bytes=sum(r["fetched_bytes"] for r in results),
                                   run_sec=time.perf_counter() - start)

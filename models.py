@@ -189,6 +189,17 @@ def model_on_disk(name: str, models_dir: Path | None = None, *,
     return None, "missing"
 
 
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(header length, {tensor name: {dtype, shape, data_offsets}}) of a safetensors file, reading only its header;
+    ValueError when the length it declares cannot be right."""
+    with open(path, "rb") as f:
+        n_header = int.from_bytes(f.read(8), "little")
+        if not 0 < n_header < path.stat().st_size:
+            raise ValueError(f"header length {n_header}")
+        header = json.loads(f.read(n_header))
+    return n_header, {name: info for name, info in header.items() if name != "__metadata__"}
+
+
 def check_model_folder(folder: Path, fix: str) -> None:
     """A damaged folder is not a missing model: a config.json that is not JSON, or a safetensors file shorter than
     its own header says (a cut download or copy), is named with what to do. Reads only headers."""
@@ -200,11 +211,8 @@ def check_model_folder(folder: Path, fix: str) -> None:
         raise UserError(f"{folder / 'config.json'} is unreadable ({str(error).splitlines()[0]}); {fix}.") from None
     for weights in sorted(folder.glob("*.safetensors")):
         try:
-            with open(weights, "rb") as f:
-                n_header = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n_header)) if 0 < n_header < weights.stat().st_size else None
-            end = 8 + n_header + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                                     default=0)
+            n_header, tensors = safetensors_header(weights)
+            end = 8 + n_header + max((info["data_offsets"][1] for info in tensors.values()), default=0)
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
             end = None
         if end is None or weights.stat().st_size < end:
@@ -505,14 +513,7 @@ def count_params_on_disk(source: str) -> int | None:
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         return None
-    total = 0
-    for file in files:
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, info in header.items():
-            if key != "__metadata__":
-                total += math.prod(info["shape"])
-    return total
+    return sum(math.prod(info["shape"]) for file in files for info in safetensors_header(file)[1].values())
 
 
 def estimate_memory(n_params: int, config, quantize: str, dtype: str, context_tokens: int) -> dict:
