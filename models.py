@@ -213,6 +213,9 @@ def check_model_folder(folder: Path, fix: str) -> None:
         try:
             n_header, tensors = safetensors_header(weights)
             end = 8 + n_header + max((info["data_offsets"][1] for info in tensors.values()), default=0)
+        except PermissionError:  # a good file this user may not read is not a damaged one: never say "delete it"
+            raise UserError(f"{weights} cannot be read by this user (permission denied); ask its owner to make it "
+                            "readable, or pass --models-dir with a folder of your own.") from None
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
             end = None
         if end is None or weights.stat().st_size < end:

@@ -689,6 +689,38 @@ def test_model_arguments_that_are_wrong_say_what_is_wrong(tiny_models, tmp_path,
         models.available_model(str(fake_gguf), models_dir, log=lambda _: None)
 
 
+def test_a_good_model_this_user_cannot_read_is_not_called_damaged(tiny_models):
+    """As an ordinary user (CI runs as root: the check drops to uid 65534, nobody), a 0600 weights file owned by
+    someone else must not be reported as damaged: the advice would be to delete a good model."""
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="bllm-perm-", dir="/tmp"))  # pytest's own tmp folder is private to root
+    code, folder = root / "code", shutil.copytree(tiny_models["llama"], root / "someone-elses-model")
+    code.mkdir()
+    for name in ("common.py", "models.py"):  # stdlib-only at import: any Python 3.11 can run the check
+        shutil.copy(common.REPO_DIR / name, code / name)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    weights = next(folder.glob("*.safetensors"))
+    weights.chmod(0o600)
+    probe = (f"import sys; sys.path.insert(0, {str(code)!r}); import common, models\n"
+             f"try:\n    models.resolve_model({str(folder)!r})\nexcept common.UserError as e:\n    print(e)")
+    user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+    pythons = [p for p in ("/usr/bin/python3.11", "/usr/bin/python3", sys.executable) if Path(p).exists()]
+    for python in pythons:  # the first one this user may start (a venv's interpreter may sit in a private home)
+        result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, cwd=root, **user)
+        if "Permission denied" not in result.stderr or result.stdout:
+            break
+    else:
+        pytest.skip("ordinary-user path: no Python interpreter an unprivileged uid can start")
+    try:
+        assert result.returncode == 0, result.stderr
+        assert f"{weights} cannot be read by this user (permission denied)" in result.stdout
+        assert "damaged" not in result.stdout and weights.exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def smollm2_gguf():
     """The real SmolLM2 GGUF: from the shared models folder, else through the user's installer (cached after)."""
