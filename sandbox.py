@@ -62,7 +62,6 @@ import time
 from pathlib import Path
 
 import sandbox_launcher
-from sandbox_launcher import receive_message
 
 MIB = 1024**2
 MODES = ("auto", "namespaces", "uid", "none")
@@ -74,19 +73,43 @@ KEEP_OUTPUT_BYTES = 16 * 1024  # stdout/stderr kept per sample (the files are ca
 SWEEP_ROUNDS = 20  # kill rounds for leftover processes (uid/none levels); a capped fork bomb dies in 1-3
 BACKSTOP_SEC = 5.0  # the launcher enforces the timeout; we kill it only if it overruns by this much
 SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+MAX_VERDICT_MESSAGE_BYTES = 64 * 1024  # the launcher's messages are a few hundred bytes; more is not from it
+# Words for each level, shared by the one-line sentence here and the docs page (docs/generate.py imports them).
+ISOLATION_WORDS = {"namespaces+uid": "namespaces + a throwaway uid",
+                   "namespaces": "namespaces (user, PID, mount, network, IPC)", "uid": "a throwaway uid only",
+                   "none": "nothing (--sandbox none)"}
+# What each level leaves reachable, whatever the machine; layers a machine lacks are added by layer_gaps().
 NOT_ISOLATED = {
-    "namespaces": ["memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole",
-                   "system folders (/usr, /bin, /lib*, /etc) and the interpreter's folder are readable"],
+    "namespaces": ["system folders (/usr, /bin, /lib*, /etc) and the interpreter's folder are readable",
+                   "host-wide figures in /proc (meminfo, loadavg, uptime, locks) are readable",
+                   "kernel memory for pipes and sockets is bounded only by the open-file and task caps",
+                   "CPU and disk bandwidth are not shared out (no cgroup): a sample may slow the machine "
+                   "for up to its timeout"],
     "uid": ["network (it can connect to 127.0.0.1 and beyond)",
             "world-readable files anywhere (the venv with the HumanEval data, if it is world-readable)",
             "other processes are visible in /proc (their command lines)",
             "world-writable folders and SysV IPC (swept after each sample)",
             "the checker process can be killed by the sample (a failure, never a pass)",
-            "memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole"],
+            "memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole",
+            "disk: files in world-writable folders, each up to the file size cap",
+            "metadata of the device nodes it is given (the host's /dev/null: its times can be touched)"],
     "none": ["your files (read, write, delete)", "your other processes, including the benchmark (kill, ptrace)",
              "secrets (your 0600 files, your processes' environments, HF_TOKEN)", "network",
              "processes that leave the sample's session may outlive it", "SysV IPC and files in /tmp may outlive it",
              "memory is capped per process (RLIMIT_AS), and the process cap counts all your processes"],
+}
+# Kernel state that namespaces do not separate, and the layers that isolate each (any one suffices): named as
+# not isolated when all of them are missing on this machine.
+SHARED_KERNEL_STATE = {
+    "keyrings (the caller's session keyring, keys planted for the next sample)": ("seccomp",),
+    "vsock sockets (not network-namespaced)": ("seccomp",),
+    "advisory locks (flock, fcntl) on the host files it can read": ("seccomp",),
+    "file notifications (inotify, fanotify) on the host folders it can read": ("seccomp", "no_nested_namespaces"),
+    "memory in anonymous files (memfd) and disk through preallocation (fallocate)": ("seccomp",),
+    "mounts and IPC objects in nested namespaces": ("seccomp", "no_nested_namespaces"),
+    "its namespace's IPC and network sysctls (owned by its uid)": ("read_only_sysctls",),
+    "resource limits of its checker (prlimit on pid 1)": ("seccomp",),
+    "metadata of the device nodes it is given": ("read_only_devices",),
 }
 
 
@@ -109,9 +132,12 @@ class SandboxLimits:
                 ("RLIMIT_NPROC", self.n_processes), ("RLIMIT_NOFILE", self.n_open_files), ("RLIMIT_CORE", 0),
                 ("RLIMIT_MSGQUEUE", 0)]
 
-    def memory_worst_case_bytes(self) -> int:
-        per_process = self.memory_bytes + self.n_open_files * self.file_bytes
-        return self.n_processes * per_process + 2 * self.scratch_bytes
+    def memory_worst_case_bytes(self, *, namespaces: bool = True, seccomp: bool = True) -> int:
+        """Host RAM one sample can hold: its tasks' address space, plus (with namespaces) the scratch tmpfs and
+        SysV shm up to shmall, plus pipe and socket buffers (each open file at most 1 MiB, the default
+        pipe-max-size), plus memfds when no seccomp filter refuses them."""
+        per_process = self.memory_bytes + self.n_open_files * (MIB + (0 if seccomp else self.file_bytes))
+        return self.n_processes * per_process + (2 * self.scratch_bytes if namespaces else 0)
 
 
 @dataclasses.dataclass
@@ -125,6 +151,7 @@ class SandboxResult:
     n_leftover_killed: int  # processes left after the sample that we killed (uid/none levels; 0 with namespaces)
     uid: int | None  # the user id outside any namespace it ran as (None: ours)
     isolation: str = "none"
+    layers: dict = dataclasses.field(default_factory=dict)  # what the launcher reported it set up (or could not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +162,8 @@ class _Isolation:
     dedicated_uid: bool  # a fresh throwaway id per sample (uid level): sweep by uid
     notes: tuple = ()  # why a layer is missing
     interpreter_dirs: tuple = ()  # bound read-only into the namespace
+    layers: tuple = ()  # ((layer, None if active else why not), ...)
+    seccomp: bytes | None = None  # the sample's filter (None: this layer is missing here)
 
 
 _isolation_cache: dict[str, _Isolation] = {}
@@ -200,15 +229,57 @@ def _probe_interpreter(interpreter: str, uid: int | None) -> tuple | None:
     return tuple(sorted(set(done.stdout.split()))) if done.returncode == 0 else None
 
 
-def _try_namespaces(interpreter: str, uid: int | None) -> str | None:
-    """Run one real sample in namespaces; None when it worked, else why not."""
+@functools.lru_cache(maxsize=1)
+def seccomp_filter() -> tuple[bytes | None, str | None]:
+    """(the sample's BPF filter for this machine, None), or (None, why this layer is missing)."""
     if sys.platform != "linux":
-        return f"user namespaces are Linux-only (this is {sys.platform})"
-    probe = _Isolation("namespaces", interpreter, uid, False, (), _probe_interpreter(interpreter, uid) or ())
+        return None, f"Linux only (this is {sys.platform})"
+    program = sandbox_launcher.seccomp_program(os.uname().machine)
+    if program is None:
+        return None, f"no system call table for {os.uname().machine} here (x86_64 and aarch64 only)"
+    if sys.byteorder != "little":
+        return None, "big-endian machine (the filter reads the low half of 64-bit arguments)"
+    try:
+        if "Seccomp:" not in Path("/proc/self/status").read_text():
+            return None, "this kernel has no seccomp"
+    except OSError:
+        return None, "cannot read /proc/self/status"
+    return program, None
+
+
+def cgroup_v2_status() -> str:
+    """Why no cgroup v2 limit holds the sample as a whole (this version sets none; it says what it found)."""
+    try:
+        mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+        own = [line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")]
+    except OSError:
+        return "cannot read /proc/self/mounts or /proc/self/cgroup"
+    points = [fields[1] for fields in mounts if len(fields) > 2 and fields[2] == "cgroup2"]
+    if not points:
+        return "no cgroup v2 here (cgroup v1 only)"
+    folder = os.path.join(points[0], (own[0] if own else "/").lstrip("/"))
+    try:
+        controllers = Path(folder, "cgroup.controllers").read_text().split()
+    except OSError:
+        controllers = []
+    if "memory" not in controllers:  # hybrid setups: cgroup v1 holds the memory controller
+        return f"cgroup v2 at {points[0]} has no memory controller (cgroup v1 holds it)"
+    if not own or not os.access(folder, os.W_OK):
+        return f"the cgroup v2 subtree {folder} is not delegated to this user"
+    return f"a delegated cgroup v2 subtree exists ({folder}) but this sandbox does not use it yet"
+
+
+def _try_namespaces(interpreter: str, uid: int | None, seccomp: bytes | None) -> tuple[str | None, dict]:
+    """Run one real sample in namespaces: (None, the layers its launcher reported) when it worked, else why not."""
+    if sys.platform != "linux":
+        return f"user namespaces are Linux-only (this is {sys.platform})", {}
+    probe = _Isolation("namespaces", interpreter, uid, False, (), _probe_interpreter(interpreter, uid) or (),
+                       seccomp=seccomp)
     outcome = _launch(probe, {"kind": "program", "source": "print(6 * 7)"}, SandboxLimits(timeout_sec=20), None)
     if outcome.passed and outcome.stdout.strip() == "42":
-        return None
-    return outcome.result.removeprefix("failed: ") + (f" ({outcome.stderr.strip()[-200:]})" if outcome.stderr else "")
+        return None, outcome.layers
+    return (outcome.result.removeprefix("failed: ") + (f" ({outcome.stderr.strip()[-200:]})" if outcome.stderr
+                                                       else "")), {}
 
 
 def isolation(mode: str = "auto") -> _Isolation:
@@ -228,40 +299,72 @@ def isolation(mode: str = "auto") -> _Isolation:
         else:
             notes.append("no Python interpreter can be started by an unprivileged uid (the venv's python lives "
                          "under a private folder such as /root); install a system python3")
+    seccomp, seccomp_missing = seccomp_filter() if mode != "none" else (None, "--sandbox none")
     chosen = None
     if mode in ("auto", "namespaces") and (uid is not None or not is_root()):
-        reason = _try_namespaces(interpreter, uid)
+        reason, launcher_layers = _try_namespaces(interpreter, uid, seccomp)
+        if reason is not None and seccomp is not None and "seccomp" in reason:  # a kernel that refuses filters
+            seccomp_missing = f"the kernel refused the filter ({reason})"
+            seccomp = None
+            reason, launcher_layers = _try_namespaces(interpreter, uid, None)
         if reason is None:
             chosen = _Isolation("namespaces+uid" if uid is not None else "namespaces", interpreter, uid, False, (),
-                                _probe_interpreter(interpreter, uid) or ())
+                                _probe_interpreter(interpreter, uid) or (), seccomp=seccomp,
+                                layers=tuple(launcher_layers.items()))
         else:
             notes.append(f"user namespaces unavailable: {reason}")
     if chosen is None and mode in ("auto", "uid") and uid is not None:
-        chosen = _Isolation("uid", interpreter, uid, uid != NOBODY_UID)
+        chosen = _Isolation("uid", interpreter, uid, uid != NOBODY_UID, seccomp=seccomp)
     if chosen is None and mode == "none":
         chosen = _Isolation("none", os.path.realpath(sys.executable), None, False)
     if chosen is None:
         why = "; ".join(notes) or ("a throwaway uid needs root" if mode == "uid" else "")
         raise SandboxUnavailable(f"No sandbox for generated code here ({why}); pass --sandbox none to run it "
                                  "without isolation, at your own risk.")
-    chosen = dataclasses.replace(chosen, notes=tuple(notes))
+    namespaces = chosen.level.startswith("namespaces")
+    no_namespaces = "user namespaces unavailable" if mode in ("auto", "namespaces") else f"--sandbox {mode}"
+    layers = {"user_namespaces": None if namespaces else no_namespaces,
+              "throwaway_uid": None if chosen.uid is not None else ("needs root" if mode != "none" else "--sandbox none"),
+              "seccomp": seccomp_missing if chosen.level != "none" else "--sandbox none",
+              "cgroup_v2": cgroup_v2_status(),
+              "rlimits": None,
+              "mount_size_limits": None if namespaces else "no private mounts without namespaces",
+              "read_only_devices": None if namespaces else "no private mounts without namespaces",
+              "fresh_session_keyring": None if chosen.seccomp else "needs the seccomp layer's syscall table",
+              **{name: "needs namespaces" for name in ("private_proc", "hidden_checker", "ipc_limits",
+                                                         "read_only_sysctls", "no_nested_namespaces")}}
+    layers.update(dict(chosen.layers))
+    chosen = dataclasses.replace(chosen, notes=tuple(notes), layers=tuple(layers.items()))
     _isolation_cache[mode] = chosen
     return chosen
 
 
+def layer_gaps(chosen: _Isolation) -> list[str]:
+    """Shared kernel state the chosen level leaves reachable because a layer is missing here, with the reason."""
+    if chosen.level == "none":
+        return []
+    missing = {name: why for name, why in chosen.layers if why is not None}
+    if chosen.level == "uid":  # no namespace of its own: only the seccomp layer applies
+        missing = {name: why for name, why in missing.items() if name == "seccomp"}
+    return [f"{state}: no {layers[0].replace('_', ' ')} ({missing[layers[0]]})"
+            for state, layers in SHARED_KERNEL_STATE.items() if all(layer in missing for layer in layers)]
+
+
 def isolation_report(mode: str = "auto") -> dict:
-    """{"level", "not_isolated", "notes", "summary"}: what holds, what does not, and one sentence to print."""
+    """{"level", "layers", "not_isolated", "notes", "summary"}: what holds, what does not, one sentence to print."""
     chosen = isolation(mode)
     not_isolated = NOT_ISOLATED["namespaces" if chosen.level.startswith("namespaces") else chosen.level]
     if chosen.level == "namespaces":
         not_isolated = not_isolated + ["outside its namespace the sample runs as your uid (your files in the "
                                        "read-only folders it sees are readable)"]
-    layers = {"namespaces+uid": "own user/PID/mount/network/IPC namespaces and a throwaway uid",
-              "namespaces": "own user/PID/mount/network/IPC namespaces", "uid": "a throwaway unprivileged uid",
-              "none": "no isolation (--sandbox none)"}[chosen.level]
-    summary = (f"Sandbox for generated code: {chosen.level} ({layers}); not isolated: {'; '.join(not_isolated)}."
-               + (f" ({'; '.join(chosen.notes)})" if chosen.notes else ""))
-    return {"level": chosen.level, "not_isolated": list(not_isolated), "notes": list(chosen.notes),
+    not_isolated = not_isolated + layer_gaps(chosen)
+    layers = {name: "active" if why is None else f"missing: {why}" for name, why in chosen.layers}
+    active = [name for name, state in layers.items() if state == "active"]
+    missing = [f"{name} ({state.removeprefix('missing: ')})" for name, state in layers.items() if state != "active"]
+    summary = (f"Sandbox for generated code: {chosen.level} ({ISOLATION_WORDS[chosen.level]}); layers active: "
+               f"{', '.join(active) or 'none'}; missing: {'; '.join(missing) or 'none'}; "
+               f"not isolated: {'; '.join(not_isolated)}." + (f" ({'; '.join(chosen.notes)})" if chosen.notes else ""))
+    return {"level": chosen.level, "layers": layers, "not_isolated": list(not_isolated), "notes": list(chosen.notes),
             "summary": summary}
 
 
@@ -270,10 +373,11 @@ def describe(limits: SandboxLimits | None = None, mode: str = "auto") -> dict:
     chosen = isolation(mode)
     limits = limits or SandboxLimits()
     report = isolation_report(mode)
-    return {"isolation": chosen.level, "not_isolated": report["not_isolated"], "notes": report["notes"],
-            "interpreter": chosen.interpreter, "isolated_mode": True, "timeout_sec": limits.timeout_sec,
-            "rlimits": dict(limits.rlimits()), "scratch_bytes": limits.scratch_bytes,
-            "memory_worst_case_bytes": limits.memory_worst_case_bytes(),
+    return {"isolation": chosen.level, "layers": report["layers"], "not_isolated": report["not_isolated"],
+            "notes": report["notes"], "interpreter": chosen.interpreter, "isolated_mode": True,
+            "timeout_sec": limits.timeout_sec, "rlimits": dict(limits.rlimits()), "scratch_bytes": limits.scratch_bytes,
+            "memory_worst_case_bytes": limits.memory_worst_case_bytes(
+                namespaces=chosen.level.startswith("namespaces"), seccomp=chosen.seccomp is not None),
             "verdict": "tests run in a trusted process; the sample only returns plain values over a pipe"}
 
 
@@ -364,13 +468,23 @@ def _read_tail(handle) -> str:
     return handle.read().decode("utf-8", "replace")
 
 
+def signal_name(number: int) -> str:
+    """SIGKILL, SIGRTMIN+3, or "signal 70": never raises, whatever number a sample died of."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"signal {number}"
+
+
 def _failure_reason(returncode: int | None, stderr: str, reason: str | None) -> str:
     """The checker's reason, unless the sample died on its own: then its traceback or exit status says why."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     if reason and not reason.startswith("CandidateError: the program ended"):
         return f"failed: {reason.removeprefix('CandidateError: ')}"
-    if returncode is not None and returncode < 0:
-        return f"failed: killed by {signal.Signals(-returncode).name}"
+    if isinstance(returncode, int) and returncode < 0:
+        return f"failed: killed by {signal_name(-returncode)}"
     if lines:
         return f"failed: {lines[-1][:300]}"
     if reason or returncode == 0:
@@ -378,8 +492,57 @@ def _failure_reason(returncode: int | None, stderr: str, reason: str | None) -> 
     return f"failed: exit code {returncode}"
 
 
+def _read_messages(fd: int, deadline: float) -> tuple[list[dict], bool]:
+    """The launcher's messages until "done", end of file or the deadline: (messages, deadline reached). Reads
+    without blocking past the deadline, and never raises for what arrives: a frame too big or not a message ends
+    the reading (only the launcher holds this pipe, but a stopped or killed launcher can leave half a frame)."""
+    buffer, messages = b"", []
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not messages or "done" not in messages[-1]:
+        left = deadline - time.perf_counter()
+        if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+            if deadline - time.perf_counter() <= 0:
+                return messages, True
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return messages, False
+        buffer += chunk
+        while len(buffer) >= 4 and not (messages and "done" in messages[-1]):
+            size = int.from_bytes(buffer[:4], "big")
+            if size > MAX_VERDICT_MESSAGE_BYTES:
+                return messages, False
+            if len(buffer) < 4 + size:
+                break
+            try:
+                message = marshal.loads(buffer[4:4 + size])
+            except (ValueError, EOFError, TypeError):
+                return messages, False
+            buffer = buffer[4 + size:]
+            if isinstance(message, dict):
+                messages.append(message)
+    return messages, False
+
+
+def _verdict(messages: list[dict], timed_out: bool, returncode, stderr: str) -> str:
+    """One of "passed", "timed out", "failed: ..." from what the launcher said and how the sample ended."""
+    verdict = next((m for m in messages if "passed" in m), None)
+    setup_error = next((m["setup_error"] for m in messages if "setup_error" in m), None)
+    if verdict and verdict["passed"] is True and not timed_out:
+        return "passed"
+    if timed_out:
+        return "timed out"
+    if setup_error:
+        return f"failed: sandbox setup error: {setup_error}"
+    if verdict is None:
+        return "failed: the sandbox's checker was killed before it gave a verdict"
+    return _failure_reason(returncode, stderr, verdict.get("reason"))
+
+
 def _launch(chosen: _Isolation, job: dict, limits: SandboxLimits, test: str | None) -> SandboxResult:
-    """Start the launcher for one sample, feed it the job (and the tests on their own pipe), read its verdict."""
+    """Start the launcher for one sample, feed it the job (and the tests on their own pipe), read its verdict.
+    Whatever the sample does, this returns a result: only a failure to start the launcher raises."""
     namespaces = chosen.level.startswith("namespaces")
     uid = fresh_uid() if chosen.dedicated_uid else chosen.uid  # a new throwaway id per sample at the uid level
     workdir = "/sandbox" if namespaces else tempfile.mkdtemp(prefix="billion-llm-sandbox-")
@@ -389,14 +552,15 @@ def _launch(chosen: _Isolation, job: dict, limits: SandboxLimits, test: str | No
     verdict_r, verdict_w = os.pipe()
     test_r, test_w = os.pipe()
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    n_killed, messages, timed_out = 0, [], False
+    n_killed, messages, timed_out, stdout, stderr, returncode = 0, [], False, "", "", None
+    unreadable = None
     try:
         if not namespaces and uid is not None:
             os.chown(workdir, uid, uid)
         config = {**job, "namespaces": namespaces, "workdir": workdir, "env": scrubbed_env(workdir),
                   "rlimits": limits.rlimits(), "timeout_sec": limits.timeout_sec, "verdict_fd": verdict_w,
-                  "test_fd": test_r, "scratch_bytes": limits.scratch_bytes,
-                  "interpreter_dirs": list(chosen.interpreter_dirs)}
+                  "test_fd": test_r, "scratch_bytes": limits.scratch_bytes, "memory_bytes": limits.memory_bytes,
+                  "interpreter_dirs": list(chosen.interpreter_dirs), "seccomp": chosen.seccomp}
         start = time.perf_counter()
         # Unnamed files: the sample can only write to them, through its inherited stdout/stderr.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -406,25 +570,22 @@ def _launch(chosen: _Isolation, job: dict, limits: SandboxLimits, test: str | No
             os.close(verdict_w)
             os.close(test_r)
             verdict_w = test_r = None
-            with contextlib.suppress(OSError):
-                process.stdin.write(marshal.dumps(config))
-                process.stdin.close()
-                with os.fdopen(test_w, "wb") as f:
-                    test_w = None
-                    f.write((test or "").encode())
-            deadline = start + limits.timeout_sec + BACKSTOP_SEC
-            while not messages or "done" not in messages[-1]:
-                ready = select.select([verdict_r], [], [], max(0.0, deadline - time.perf_counter()))[0]
-                message = receive_message(verdict_r) if ready else None
-                if message is None:
-                    break
-                messages.append(marshal.loads(message))
-            if not messages or "done" not in messages[-1]:  # the launcher hung, was stopped or killed
-                timed_out = not ready
+            try:
+                with contextlib.suppress(OSError):
+                    process.stdin.write(marshal.dumps(config))
+                    process.stdin.close()
+                    with os.fdopen(test_w, "wb") as f:
+                        test_w = None
+                        f.write((test or "").encode())
+                messages, timed_out = _read_messages(verdict_r, start + limits.timeout_sec + BACKSTOP_SEC)
+            except Exception as error:  # noqa: BLE001 - the verdict must come back whatever happened
+                unreadable = f"{type(error).__name__}: {error}"
+            done = bool(messages) and "done" in messages[-1]
+            if not done:  # the launcher hung, was stopped or killed
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)
             wall_sec = time.perf_counter() - start
-            if namespaces and messages and "done" in messages[-1]:
+            if namespaces and done:
                 _exiting.append(process)  # reaped by a later call; see the comment at the launcher's end
             else:
                 process.wait()
@@ -440,21 +601,21 @@ def _launch(chosen: _Isolation, job: dict, limits: SandboxLimits, test: str | No
         if not namespaces:
             shutil.rmtree(workdir, ignore_errors=True)
     verdict = next((m for m in messages if "passed" in m), None)
-    setup_error = next((m["setup_error"] for m in messages if "setup_error" in m), None)
+    returncode = verdict.get("returncode") if verdict else (process.returncode if not namespaces else None)
     timed_out = timed_out or any(m.get("timed_out") for m in messages)
-    returncode = verdict["returncode"] if verdict else (process.returncode if not namespaces else None)
-    if verdict and verdict["passed"] and not timed_out:
-        result = "passed"
-    elif timed_out:
-        result = "timed out"
-    elif setup_error:
-        result = f"failed: sandbox setup error: {setup_error}"
-    elif verdict is None:
-        result = "failed: the sandbox's checker was killed before it gave a verdict"
-    else:
-        result = _failure_reason(returncode, stderr, verdict["reason"])
-    return SandboxResult(result == "passed", result, returncode, wall_sec, stdout, stderr, n_killed, uid,
-                         chosen.level)
+    layers = {}
+    for message in messages:
+        if isinstance(message.get("layers"), dict):
+            layers.update(message["layers"])
+    try:
+        result = _verdict(messages, timed_out, returncode, stderr)
+    except Exception as error:  # noqa: BLE001 - a message we did not expect is the sample's failure, never a crash
+        unreadable = unreadable or f"{type(error).__name__}: {error}"
+        result = "failed"
+    if unreadable and result != "timed out":
+        result = f"failed: the sandbox could not read the sample's outcome ({unreadable[:200]})"
+    return SandboxResult(result == "passed", result, returncode if isinstance(returncode, int) else None, wall_sec,
+                         stdout, stderr, n_killed, uid, chosen.level, layers)
 
 
 def run_python(source: str, limits: SandboxLimits | None = None, *, mode: str = "auto") -> SandboxResult:

@@ -22,7 +22,42 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 READ_ONLY_BINDS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/nix/store")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 SAMPLE_UID = 1000  # the sample's uid inside its nested user namespace: not 0, so an execve never regains caps
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a candidate's return value, encoded
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a candidate's return value, encoded: what the checker reads at most
+CHECKER_MEMORY_BYTES = 1024 * 1024 * 1024  # RLIMIT_AS of the trusted checker: decoding a reply stays bounded
+KEYCTL_JOIN_SESSION_KEYRING = 1
+# Per-user-namespace counts (/proc/sys/user) the init sets in its namespace, which bound every namespace below it:
+# the sample may create its own user namespace (1) and nothing else, so no nested IPC, mount or tmpfs escapes the
+# caps; no inotify either (it would watch the host's read-only folders).
+NAMESPACE_COUNTS = {"max_user_namespaces": 1, "max_ipc_namespaces": 0, "max_mnt_namespaces": 0,
+                    "max_net_namespaces": 0, "max_pid_namespaces": 0, "max_uts_namespaces": 0,
+                    "max_cgroup_namespaces": 0, "max_time_namespaces": 0, "max_inotify_instances": 0,
+                    "max_fanotify_groups": 0}
+
+# seccomp: the sample's system calls that reach past its namespaces or its caps. Numbers per architecture (they
+# differ); on any other architecture the layer is refused by name, never guessed.
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+SYSCALLS = {  # name: (x86_64, aarch64)
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),  # keyrings are not namespaced
+    "unshare": (272, 97), "setns": (308, 268),  # nested namespaces: a fresh IPC/mount ns escapes the caps
+    "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41), "open_tree": (428, 428),
+    "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "fspick": (433, 433), "mount_setattr": (442, 442),
+    "memfd_create": (319, 279), "memfd_secret": (447, 447),  # memory that RLIMIT_AS does not see
+    "fallocate": (285, 47),  # preallocation through an inherited fd: disk that RLIMIT_FSIZE does not see
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "process_madvise": (440, 440), "pidfd_getfd": (438, 438), "kcmp": (312, 272),
+    "move_pages": (279, 239), "migrate_pages": (256, 238),
+    "perf_event_open": (298, 241), "bpf": (321, 280), "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "inotify_init": (253, None), "inotify_init1": (294, 26), "fanotify_init": (300, 262),  # host file events
+    "flock": (73, 32),  # advisory locks on the host files it can read
+}
+ARG_SYSCALLS = {"clone": (56, 220), "clone3": (435, 435), "socket": (41, 198), "fcntl": (72, 25),
+                "prlimit64": (302, 261)}
+NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+AF_VSOCK = 40  # vsock is not network-namespaced: it reaches the hypervisor and other guests
+LOCK_COMMANDS = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)  # F_[OFD_]GETLK/SETLK/SETLKW, leases, dnotify
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 ATOM_TAGS = {int: b"i", float: b"f", bytes: b"b", str: b"s", complex: b"c"}
 CONTAINER_TAGS = {list: b"l", tuple: b"t", set: b"S", frozenset: b"z", dict: b"d"}
 
@@ -64,6 +99,59 @@ def _unshare_user(flags, inside):
             raise OSError(e.errno, f"writing /proc/self/{name}: {e.strerror}") from None
 
 
+def seccomp_program(machine):
+    """The sample's seccomp filter as BPF bytes for this architecture, or None where the numbers are unknown."""
+    if machine not in AUDIT_ARCH:
+        return None
+    column = ("x86_64", "aarch64").index(machine)
+    allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
+
+    def errno(code):
+        return 0x00050000 | code  # SECCOMP_RET_ERRNO
+
+    def op(code, k, jt=0, jf=0):
+        return code.to_bytes(2, sys.byteorder) + bytes((jt, jf)) + k.to_bytes(4, sys.byteorder)
+
+    load, ret, jeq, jge, jset = 0x20, 0x06, 0x15, 0x35, 0x45
+
+    def arg(i):  # offset of the low 32 bits of argument i in struct seccomp_data (little-endian machines)
+        return 16 + 8 * i
+
+    nr = {name: numbers[column] for name, numbers in {**SYSCALLS, **ARG_SYSCALLS}.items()}
+    code = [op(load, 4), op(jeq, AUDIT_ARCH[machine], 1, 0), op(ret, kill),  # i386/compat calls: another table
+            op(load, 0)]
+    if machine == "x86_64":  # the x32 ABI: same arch, numbers offset by 0x40000000
+        code += [op(jge, 0x40000000, 0, 1), op(ret, errno(ENOSYS))]
+    for name in SYSCALLS:
+        if nr[name] is not None:
+            code += [op(jeq, nr[name], 0, 1), op(ret, errno(EPERM))]
+    code += [op(jeq, nr["clone3"], 0, 1), op(ret, errno(ENOSYS))]  # its flags sit in memory: make libc use clone
+    code += [op(jeq, nr["clone"], 0, 4), op(load, arg(0)), op(jset, NAMESPACE_FLAGS, 0, 1), op(ret, errno(EPERM)),
+             op(ret, allow)]
+    code += [op(jeq, nr["socket"], 0, 4), op(load, arg(0)), op(jeq, AF_VSOCK, 0, 1),
+             op(ret, errno(EAFNOSUPPORT)), op(ret, allow)]
+    code += [op(jeq, nr["prlimit64"], 0, 4), op(load, arg(0)), op(jeq, 0, 1, 0),  # only its own limits
+             op(ret, errno(EPERM)), op(ret, allow)]
+    n = len(LOCK_COMMANDS)
+    code += [op(jeq, nr["fcntl"], 0, n + 3), op(load, arg(1))]
+    code += [op(jeq, command, n - i, 0) for i, command in enumerate(LOCK_COMMANDS)]
+    code += [op(ret, allow), op(ret, errno(EPERM))]
+    code += [op(ret, allow)]
+    return b"".join(code)
+
+
+def _install_seccomp(program):
+    import ctypes
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    _call(_libc().prctl(ctypes.c_int(22), ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0),
+                        ctypes.c_ulong(0)), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
 def _remount_read_only(prefixes):
     """Remount every mount at or under these paths read-only, keeping the flags the kernel locks (nosuid...)."""
     with open("/proc/self/mountinfo") as f:
@@ -78,7 +166,8 @@ def _remount_read_only(prefixes):
 
 
 def _build_root(config):
-    """In the new mount namespace: a tmpfs root with read-only system folders, a private /proc, then pivot."""
+    """In the new mount namespace: a tmpfs root with read-only system folders, a private /proc, then pivot.
+    Returns {layer: None if it holds, else why not} for the layers that can fail here."""
     new = "/tmp"  # any existing folder works as the mount point; the host's /tmp is covered, never used
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
     _mount("sandbox", new, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['scratch_bytes']},nr_inodes=4096,mode=755")
@@ -95,11 +184,12 @@ def _build_root(config):
             os.makedirs(target, exist_ok=True)
             _mount(path, target, None, MS_BIND | MS_REC)
             read_only.append(target)
-    _remount_read_only(read_only)
     os.makedirs(new + "/dev/shm")
-    for name in DEVICES:
+    for name in DEVICES:  # the host's nodes, read-only: writes still work, touch/chmod of the host node do not
         open(f"{new}/dev/{name}", "w").close()
         _mount(f"/dev/{name}", f"{new}/dev/{name}", None, MS_BIND)
+        read_only.append(f"{new}/dev/{name}")
+    _remount_read_only(read_only)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{new}/dev/{name}")
@@ -108,11 +198,18 @@ def _build_root(config):
         os.chmod(new + path, 0o1777)
     os.makedirs(new + config["workdir"], exist_ok=True)
     os.makedirs(new + "/proc")
-    notes = []
-    try:
-        _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    except OSError as e:  # some containers mask parts of /proc, and the kernel then refuses a fresh one
-        notes.append(f"no /proc inside the sandbox ({e.strerror})")
+    layers = {}
+    # hidepid: the checker (pid 1, not dumpable) vanishes from the sample's /proc, and so do its writable files
+    for options in ("hidepid=invisible", "hidepid=2", None):
+        try:
+            _mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, options)
+            layers["hidden_checker"] = None if options else f"proc refused hidepid ({refused})"
+            layers["private_proc"] = None
+            break
+        except OSError as e:  # some containers mask parts of /proc, and the kernel then refuses a fresh one
+            refused = e.strerror
+    else:
+        layers["private_proc"] = layers["hidden_checker"] = f"no /proc inside the sandbox ({refused})"
     os.makedirs(new + "/.old_root")
     number = SYS_PIVOT_ROOT.get(os.uname().machine)
     try:
@@ -129,14 +226,25 @@ def _build_root(config):
         os.chdir("/")
     limits = {"kernel/shmmax": config["scratch_bytes"], "kernel/shmall": config["scratch_bytes"] // 4096,
               "kernel/shmmni": 16, "kernel/msgmni": 16}
+    limits.update({f"user/{name}": value for name, value in NAMESPACE_COUNTS.items()})
+    failed = []
     for name, value in limits.items():
         try:
             with open(f"/proc/sys/{name}", "w") as f:
                 f.write(str(value))
-        except OSError:
-            notes.append(f"SysV IPC limit {name} not set")
+        except OSError as e:
+            if not (e.errno == 2 and name.startswith("user/max_") and name != "user/max_user_namespaces"):
+                failed.append(f"{name} ({e.strerror})")  # a count this kernel lacks is a feature it lacks
+    layers["ipc_limits"] = next((f"not set: {f}" for f in failed if f.startswith("kernel/")), None)
+    layers["no_nested_namespaces"] = next((f"not set: {f}" for f in failed if f.startswith("user/")), None)
+    try:  # the namespace's root (our uid outside) owns the IPC and net sysctls: the sample shares that uid
+        _mount("/proc/sys", "/proc/sys", None, MS_BIND | MS_REC)
+        _mount(None, "/proc/sys", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        layers["read_only_sysctls"] = None
+    except OSError as e:
+        layers["read_only_sysctls"] = e.strerror
     _libc().sethostname(b"sandbox", 7)  # cosmetic: failure is harmless
-    return notes
+    return layers
 
 
 def _drop_privileges():
@@ -244,6 +352,7 @@ def _become_sample(config, keep):
     import resource
     if config["namespaces"]:
         _drop_privileges()
+        os.setsid()  # kill(0) and F_SETOWN now reach its own group, not the launcher's (outside its PID namespace)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     os.chdir(config["workdir"])
     for new_fd, fd in enumerate(keep, start=3):
@@ -254,6 +363,8 @@ def _become_sample(config, keep):
     os.closerange(3 + len(keep), 1 << 16)  # the verdict and test pipes, and anything else inherited
     for name, value in config["rlimits"]:
         resource.setrlimit(getattr(resource, name), (value, value))
+    if config["seccomp"]:  # last: the steps above need unshare and prlimit
+        _install_seccomp(config["seccomp"])
     builtins.exit = builtins.quit = sys.exit  # -S skipped site, which defines them
 
 
@@ -309,7 +420,10 @@ def _status(raw):
 
 def _check(config, report):
     """The trusted side: fork the sample, then either wait for it (a program) or run the tests against it."""
+    import resource
     humaneval = config["kind"] == "humaneval"
+    cap = max(CHECKER_MEMORY_BYTES, 2 * config["memory_bytes"])  # the sample lowers its own to memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # what the checker decodes from a reply stays bounded
     to_sample, from_sample = (os.pipe(), os.pipe()) if humaneval else ((None, None), (None, None))
     pid = os.fork()
     if pid == 0:
@@ -370,6 +484,9 @@ def _launcher_main():
 
     os.environ.clear()
     os.environ.update(config["env"])
+    keyctl = SYSCALLS["keyctl"][("x86_64", "aarch64").index(os.uname().machine)] if config["seccomp"] else None
+    if keyctl is not None and _libc().syscall(keyctl, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        report(layers={"fresh_session_keyring": "keyctl refused"})  # the caller's keys stay out of reach anyway
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # pid 1 ignores signals it has no handler for: keep it so
     child = None
 
@@ -402,9 +519,7 @@ def _launcher_main():
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         try:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            notes = _build_root(config)
-            if notes:
-                report(notes=notes)
+            report(layers=_build_root(config))
             _check(config, report)
         except BaseException as e:
             report(setup_error=f"{type(e).__name__}: {e}")
