@@ -12,8 +12,15 @@ an ordinary user next to their own files and their HF token. So each sample gets
   its init (a trusted process, pid 1 inside) exits, the kernel kills every process of the sample and the tmpfs
   and IPC objects vanish with it;
 - as root, additionally a throwaway unprivileged uid outside the namespace (the layer used before namespaces);
-- a fresh process with no capabilities, no_new_privs, closed stdin, a scrubbed environment and resource limits
-  (CPU, address space, file size, processes, open files, no core dumps; soft = hard) set before generated code;
+- a fresh process with no capabilities, no_new_privs, its own session, closed stdin, a scrubbed environment and
+  resource limits (CPU, address space, file size, processes, open files, no core dumps; soft = hard) set before
+  generated code;
+- a seccomp filter (x86_64 and aarch64; refused by name elsewhere) denying what reaches past the namespaces or
+  the caps: keyrings, nested namespaces and mounts, memfd, fallocate, ptrace and its relatives, perf, bpf,
+  userfaultfd, io_uring, inotify/fanotify, advisory locks, vsock sockets, and prlimit on any process but itself;
+- in its namespace: /proc/sys read-only (its uid owns the namespace's IPC and network sysctls), device nodes
+  bound read-only, its checker hidden from its /proc (hidepid), and per-namespace counts that allow it one user
+  namespace and no other namespace or inotify instance;
 - a wall-clock timeout enforced by a trusted launcher outside the namespace, with a backstop in this process.
 
 Mechanism: `unshare(2)` and `mount(2)` through ctypes, in a launcher (sandbox_launcher.py) run as `python -I -S -c`.
@@ -35,13 +42,17 @@ some other way (e.g. reading the HumanEval data, if it were installed in the int
 sandbox exposes read-only) passes. At the "uid" and "none" levels the tests are still out of the sample's reach,
 but the sample can kill the checker (a failure, never a pass); at "none" it can also ptrace the benchmark.
 
-Memory: no cgroup is used (cgroup v1 here, and ordinary users rarely own a cgroup v2 subtree), so the cap is per
-process. Worst case per sample: n_processes x (memory_bytes + n_open_files x file_bytes, for unmapped memfds)
-+ scratch_bytes (tmpfs) + the same again as SysV shared memory; `describe()` records the figure.
+Memory: no cgroup is used (cgroup v1 here, and ordinary users rarely own a cgroup v2 subtree; `cgroup_v2_status`
+says what it found), so the cap is the sum of per-kind caps: tasks x address space, the scratch tmpfs, SysV shm up
+to shmall, pipe and socket buffers; memfds and nested namespaces are refused. `describe()` records the figure.
+
+Whatever a sample does (any exit status, any signal, any output, any bytes on its reply pipe), `run_python` and
+`run_humaneval` return a verdict: "passed", "failed: ..." or "timed out". Only a failure to start the launcher
+raises, so a benchmark resumed after a crash never meets the same sample's exception again.
 
     python -c "import sandbox; print(sandbox.isolation_report()['summary'])"
     python -c "import sandbox; print(sandbox.run_python('print(1 + 1)'))"
-    python benchmarks/sandbox_canonical.py --baseline 7605a60   # cost against the pre-namespace sandbox
+    python benchmarks/sandbox_canonical.py --baseline 9985933   # cost against the sandbox before issue 17
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ skipped by name with the reason; a class a level does not claim to isolate is sk
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -695,3 +696,33 @@ def test_refuses_without_isolation(monkeypatch):
     with pytest.raises(sandbox.SandboxUnavailable, match="--sandbox none"):
         sandbox.isolation("auto")
     assert sandbox.isolation_report("none")["level"] == "none"
+
+
+def test_namespace_layers_hold_without_seccomp():
+    """The layers inside the namespace hold on their own, as on a machine where seccomp is missing."""
+    try:
+        chosen = sandbox.isolation("namespaces")
+    except sandbox.SandboxUnavailable as e:
+        pytest.skip(f"user namespaces missing here: {e}")
+    source = textwrap.dedent("""
+        import ctypes, errno, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        def attempt(name, action):
+            try:
+                if action() == -1:
+                    raise OSError(ctypes.get_errno(), "")
+                print(name, "ALLOWED")
+            except OSError as e:
+                print(name, "refused", errno.errorcode.get(e.errno, e.errno))
+        attempt("nested_userns", lambda: libc.unshare(0x10000000))
+        attempt("nested_ipcns", lambda: libc.unshare(0x08000000))
+        attempt("raise_shmmax", lambda: open("/proc/sys/kernel/shmmax", "w").write("99999999999"))
+        attempt("checker_visible", lambda: os.stat("/proc/1/status"))
+        attempt("touch_dev_null", lambda: os.utime("/dev/null"))
+    """)
+    outcome = sandbox._launch(dataclasses.replace(chosen, seccomp=None), {"kind": "program", "source": source},
+                              sandbox.SandboxLimits(timeout_sec=5), None)
+    assert outcome.passed, outcome.result + outcome.stderr[-500:]
+    lines = dict(line.split(" ", 1) for line in outcome.stdout.splitlines())
+    assert len(lines) == 5 and all(v.startswith("refused") for v in lines.values()), lines
+    assert outcome.layers["no_nested_namespaces"] is None and outcome.layers["read_only_sysctls"] is None
