@@ -17,7 +17,8 @@ an ordinary user next to their own files and their HF token. So each sample gets
   generated code;
 - a seccomp filter (x86_64 and aarch64; refused by name elsewhere) denying what reaches past the namespaces or
   the caps: keyrings, nested namespaces and mounts, memfd, fallocate, ptrace and its relatives, perf, bpf,
-  userfaultfd, io_uring, inotify/fanotify, advisory locks, vsock sockets, and prlimit on any process but itself;
+  userfaultfd, io_uring, inotify/fanotify, advisory locks, vsock sockets, and prlimit, nice, ioprio or
+  scheduling changes of any process but itself;
 - in its namespace: /proc/sys read-only (its uid owns the namespace's IPC and network sysctls), device nodes
   bound read-only, its checker hidden from its /proc (hidepid), and per-namespace counts that allow it one user
   namespace and no other namespace or inotify instance;
@@ -119,7 +120,7 @@ SHARED_KERNEL_STATE = {
     "memory in anonymous files (memfd) and disk through preallocation (fallocate)": ("seccomp",),
     "mounts and IPC objects in nested namespaces": ("seccomp", "no_nested_namespaces"),
     "its namespace's IPC and network sysctls (owned by its uid)": ("read_only_sysctls",),
-    "resource limits of its checker (prlimit on pid 1)": ("seccomp",),
+    "resource limits and scheduling of its checker (prlimit, nice, affinity of pid 1)": ("seccomp",),
     "metadata of the device nodes it is given": ("read_only_devices",),
 }
 
@@ -335,7 +336,8 @@ def isolation(mode: str = "auto") -> _Isolation:
     namespaces = chosen.level.startswith("namespaces")
     no_namespaces = "user namespaces unavailable" if mode in ("auto", "namespaces") else f"--sandbox {mode}"
     layers = {"user_namespaces": None if namespaces else no_namespaces,
-              "throwaway_uid": None if chosen.uid is not None else ("needs root" if mode != "none" else "--sandbox none"),
+              "throwaway_uid": (None if chosen.uid is not None else "needs root" if mode != "none"
+                                else "--sandbox none"),
               "seccomp": seccomp_missing if chosen.level != "none" else "--sandbox none",
               "cgroup_v2": cgroup_v2_status(),
               "rlimits": None,

@@ -52,8 +52,12 @@ SYSCALLS = {  # name: (x86_64, aarch64)
     "inotify_init": (253, None), "inotify_init1": (294, 26), "fanotify_init": (300, 262),  # host file events
     "flock": (73, 32),  # advisory locks on the host files it can read
 }
-ARG_SYSCALLS = {"clone": (56, 220), "clone3": (435, 435), "socket": (41, 198), "fcntl": (72, 25),
-                "prlimit64": (302, 261)}
+ARG_SYSCALLS = {"clone": (56, 220), "clone3": (435, 435), "socket": (41, 198), "fcntl": (72, 25)}
+# Calls that may only aim at the sample itself (0 in the argument that names the target): its checker shares its
+# uid outside, so the kernel would let it lower the checker's limits or priority.
+SELF_ONLY = {"prlimit64": ((302, 261), 0), "setpriority": ((141, 140), 1), "ioprio_set": ((251, 30), 1),
+             "sched_setaffinity": ((203, 122), 0), "sched_setscheduler": ((144, 119), 0),
+             "sched_setparam": ((142, 118), 0), "sched_setattr": ((314, 274), 0)}
 NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 AF_VSOCK = 40  # vsock is not network-namespaced: it reaches the hypervisor and other guests
 LOCK_COMMANDS = (5, 6, 7, 36, 37, 38, 1024, 1025, 1026)  # F_[OFD_]GETLK/SETLK/SETLKW, leases, dnotify
@@ -130,8 +134,9 @@ def seccomp_program(machine):
              op(ret, allow)]
     code += [op(jeq, nr["socket"], 0, 4), op(load, arg(0)), op(jeq, AF_VSOCK, 0, 1),
              op(ret, errno(EAFNOSUPPORT)), op(ret, allow)]
-    code += [op(jeq, nr["prlimit64"], 0, 4), op(load, arg(0)), op(jeq, 0, 1, 0),  # only its own limits
-             op(ret, errno(EPERM)), op(ret, allow)]
+    for numbers, index in SELF_ONLY.values():
+        code += [op(jeq, numbers[column], 0, 4), op(load, arg(index)), op(jeq, 0, 1, 0), op(ret, errno(EPERM)),
+                 op(ret, allow)]
     n = len(LOCK_COMMANDS)
     code += [op(jeq, nr["fcntl"], 0, n + 3), op(load, arg(1))]
     code += [op(jeq, command, n - i, 0) for i, command in enumerate(LOCK_COMMANDS)]
