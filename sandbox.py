@@ -102,7 +102,8 @@ NOT_ISOLATED = {
             "other processes are visible in /proc (their command lines)",
             "world-writable folders and SysV IPC (swept after each sample)",
             "the checker process can be killed by the sample (a failure, never a pass)",
-            "memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole",
+            "memory is capped per process (RLIMIT_AS x process cap), not for the sample as a whole, and SysV "
+            "shared memory is held up to the host's limits until the sweep after the sample",
             "disk: files in world-writable folders, each up to the file size cap",
             "metadata of the device nodes it is given (the host's /dev/null: its times can be touched)"],
     "none": ["your files (read, write, delete)", "your other processes, including the benchmark (kill, ptrace)",
