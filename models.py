@@ -40,7 +40,7 @@ class ModelSpec:
     license: str
     gated: bool
     dtype: str  # recommended load dtype
-    role: str  # "seed", "target" (speculative), "small" (CPU-scale)
+    role: str  # "seed", "target" (speculative), "small" (CPU-scale), "peer" (what readers compare seeds with)
     chat_template: bool = True
     stop_tokens: tuple[str, ...] = ()
     quirks: str = ""
@@ -105,6 +105,22 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
               n_params=1_543_714_304, license="apache-2.0", gated=False, dtype="bfloat16", role="small",
               stop_tokens=QWEN_STOPS, hub_weight_bytes=3_087_467_144, gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
               gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    # Peers: the ~1B models readers compare the seeds with today. Parameter counts follow each config.json (tied
+    # embeddings counted once); hub_weight_bytes is 2 bytes x that count (bf16), not a measured file size.
+    ModelSpec(name="qwen3-0.6b", hub_id="Qwen/Qwen3-0.6B", arch="qwen3", n_params=596_049_920, license="apache-2.0",
+              gated=False, dtype="bfloat16", role="peer", stop_tokens=QWEN_STOPS, hub_weight_bytes=1_192_099_840,
+              quirks="its chat template thinks aloud (<think>...</think>) unless a message ends with /no_think"),
+    ModelSpec(name="qwen3-1.7b", hub_id="Qwen/Qwen3-1.7B", arch="qwen3", n_params=1_720_574_976, license="apache-2.0",
+              gated=False, dtype="bfloat16", role="peer", stop_tokens=QWEN_STOPS, hub_weight_bytes=3_441_149_952,
+              quirks="its chat template thinks aloud (<think>...</think>) unless a message ends with /no_think"),
+    ModelSpec(name="gemma-3-1b", hub_id="google/gemma-3-1b-it", arch="gemma3_text", n_params=999_885_952,
+              license="gemma", gated=True, dtype="bfloat16", role="peer", stop_tokens=("<end_of_turn>", "<eos>"),
+              hub_weight_bytes=1_999_771_904,
+              quirks="gated: accept Google's Gemma terms on the hub; 5 of every 6 layers attend to a 512-token "
+                     "window, so its real KV cache is far below the full-attention arithmetic"),
+    ModelSpec(name="smollm2-1.7b", hub_id="HuggingFaceTB/SmolLM2-1.7B-Instruct", arch="llama",
+              n_params=1_711_376_384, license="apache-2.0", gated=False, dtype="bfloat16", role="peer",
+              stop_tokens=("<|im_end|>",), hub_weight_bytes=3_422_752_768, quirks="8k context"),
 ]}
 SEED_MODELS = [s.name for s in REGISTRY.values() if s.role == "seed"]
 DEFAULT_MODEL = "smollm2-135m"
@@ -115,7 +131,8 @@ KV_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "smollm2-135m": (30, 3, 64, 8192), "qwen-coder-0.5b": (24, 2, 64, 32768), "pythia-1b": (16, 8, 256, 2048),
     "tinyllama-1.1b": (22, 4, 64, 2048), "llama-3.2-1b": (16, 8, 64, 131072),
     "qwen-coder-1.5b": (28, 2, 128, 32768), "stablelm-2-1.6b": (24, 32, 64, 4096),
-    "llama-3.1-8b": (32, 8, 128, 131072),
+    "llama-3.1-8b": (32, 8, 128, 131072), "qwen3-0.6b": (28, 8, 128, 32768), "qwen3-1.7b": (28, 8, 128, 32768),
+    "gemma-3-1b": (26, 1, 256, 32768), "smollm2-1.7b": (24, 32, 64, 8192),
 }
 
 

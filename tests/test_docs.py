@@ -226,27 +226,46 @@ def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return found
 
 
-def recommendation(text: str) -> dict[str, dict[str, str]]:
+def machine_table(text: str) -> dict[str, dict[str, str]]:
+    """The first screen: {machine: {use: cell}}."""
     headers, rows = tables(section(text, "## Which model to use"))[0]
-    return {row[0]: dict(zip(headers, row)) for row in rows}
+    return {row[0].strip("*"): dict(zip(headers[1:], row[1:])) for row in rows}
 
 
-def test_first_screen_answers_each_use_with_its_source(good_results, tmp_path):
+def pick(cell: str) -> str:
+    """The model a cell picks ('' when none)."""
+    found = re.match(r"\*\*([\w.-]+)\*\*", cell)
+    return found.group(1) if found else ""
+
+
+def test_first_screen_answers_each_machine_and_use_with_its_source(good_results, tmp_path):
     text = page(good_results, tmp_path)
     assert text.splitlines().index("## Which model to use") < 12  # within the first screen
-    rows = recommendation(text)
-    assert list(rows) == ["General chat", "Code", "A base for fine-tuning", "A speculative draft",
-                          "Commercial use (licence)", "CPU-only laptop, 8 GB RAM", "4 GB GPU", "8 GB GPU"]
-    chat = rows["General chat"]
-    assert chat["Pick"] == "qwen-coder-0.5b bf16" and "[R1]" in chat["Deciding number"]
-    assert chat["Source"] == "measured here"
-    assert "*published*" in chat["Not measured here yet"] and "llama-3.2-1b" in chat["Not measured here yet"]
-    assert "python benchmark.py --models llama-3.2-1b" in chat["Not measured here yet"]
-    assert rows["Code"]["Pick"] == "qwen-coder-0.5b bf16"  # 9/20 against 3/20: p = 0.03
-    assert rows["A base for fine-tuning"]["Pick"] == "smollm2-135m bf16" and "37/40" in rows["A base for fine-tuning"][
-        "Deciding number"]
-    assert "computed" in rows["8 GB GPU"]["Source"]  # no GPU record: the arithmetic, said so
-    assert rows["Commercial use (licence)"]["Deciding number"].startswith("apache-2.0")
+    rows = machine_table(text)
+    assert list(rows) == ["CPU laptop, 8 GB RAM", "CPU laptop, 16 GB RAM", "GPU, 4 GB", "GPU, 6 GB", "GPU, 8 GB",
+                          "GPU, 12 GB"]
+    assert all(list(cells) == ["Chat", "Code", "Fine-tuning", "Speculative draft"] for cells in rows.values())
+    for machine in ("CPU laptop, 8 GB RAM", "GPU, 6 GB"):  # the issue's two readers
+        for use in ("Chat", "Code", "Fine-tuning"):
+            cell = rows[machine][use]
+            speed = "s training" if use == "Fine-tuning" else "tok/s"
+            assert pick(cell) and speed in cell and "GiB" in cell and "`python " in cell, (machine, use)
+            assert "gated" in cell and ("[R" in cell or "*published*" in cell), (machine, use)
+    chat = rows["CPU laptop, 8 GB RAM"]["Chat"]
+    # smollm2-135m (15/40) is at chance and qwen-coder-0.5b is a coder: the pick is a published general model
+    assert pick(chat) == "llama-3.2-1b" and "*provisional*" in chat and "**gated**" in chat
+    assert "settle it: `python benchmark.py --models llama-3.2-1b`" in chat and "49.3% *published*" in chat
+    assert "`python demo_chat.py --model llama-3.2-1b`" in chat
+    assert "coder measured here: qwen-coder-0.5b" in chat  # the measured coder is shown, not picked
+    assert pick(rows["GPU, 6 GB"]["Code"]) == "qwen-coder-0.5b" and "[R1]" in rows["GPU, 6 GB"]["Code"]
+    tune = rows["GPU, 6 GB"]["Fine-tuning"]
+    assert pick(tune) == "smollm2-135m" and "QLoRA" in tune and "37/40" in tune and "computed" in tune
+    assert "LoRA, bf16 base" in rows["CPU laptop, 8 GB RAM"]["Fine-tuning"]
+    assert "`python finetune_demo.py --model smollm2-135m`" in tune
+    for machine, cells in rows.items():  # every speed is labelled computed, or measured with its record
+        for cell in cells.values():
+            for speed in re.findall(r"[\d.]+ tok/s[^·<]*", cell):
+                assert "computed" in speed or "measured" in speed, (machine, speed)
 
 
 def test_an_entry_indistinguishable_from_chance_is_never_ranked(tmp_path):
@@ -255,9 +274,9 @@ def test_an_entry_indistinguishable_from_chance_is_never_ranked(tmp_path):
                                       weights=100_000_000))  # 25%: exactly chance, and the smallest
     write(folder, "b.json", benchmark("qwen-coder-0.5b", cats={"abstract_algebra": (12, 40)}))  # 30%: p = 0.46
     text = page(folder, tmp_path)
-    rows = recommendation(text)
-    for use in ("General chat", "Commercial use (licence)", "CPU-only laptop, 8 GB RAM"):
-        assert rows[use]["Pick"] == "nothing measured qualifies yet", use
+    for machine, cells in machine_table(text).items():
+        assert pick(cells["Chat"]) not in ("smollm2-135m", "qwen-coder-0.5b"), machine
+        assert "*provisional*" in cells["Chat"] and "coder measured here" not in cells["Chat"]
     _, machine_rows = tables(section(text, "## Measured here, by machine"))[0]
     assert all("indistinguishable from chance" in row[2] for row in machine_rows)
     _, figures, _ = generate.build_page(folder)
@@ -265,12 +284,16 @@ def test_an_entry_indistinguishable_from_chance_is_never_ranked(tmp_path):
     assert not any("**" in c for row in machine_rows for c in row)  # nothing bolded as best
 
 
-def test_ties_are_named_not_broken(tmp_path):
+def test_a_general_model_above_chance_is_the_chat_pick_and_ties_are_named(tmp_path):
     folder = tmp_path / "results"
     write(folder, "a.json", benchmark("smollm2-135m", cats={"abstract_algebra": (60, 100)}))
     write(folder, "b.json", benchmark("qwen-coder-0.5b", cats={"abstract_algebra": (64, 100)}))  # p = 0.56
-    pick = recommendation(page(folder, tmp_path))["General chat"]["Pick"]
-    assert "qwen-coder-0.5b bf16" in pick and "smollm2-135m bf16" in pick and "cannot separate" in pick
+    rows = machine_table(page(folder, tmp_path))
+    chat = rows["CPU laptop, 8 GB RAM"]["Chat"]
+    assert pick(chat) == "smollm2-135m" and "*provisional*" not in chat  # the coder is not the chat pick
+    assert "not measured here yet: llama-3.2-1b" in chat
+    code = rows["CPU laptop, 8 GB RAM"]["Code"]  # 3/20 each: the evidence cannot separate them
+    assert "not separable from" in code
 
 
 def test_mixed_machines_lead_with_the_newest_and_name_their_records(good_results, tmp_path):
@@ -304,7 +327,6 @@ def test_seed_model_record_arrives_beside_its_published_figure(good_results, tmp
     row = dict(zip(headers, next(r for r in rows if r[0] == "tinyllama-1.1b")))
     assert "25.92% *published*" in row["Published"] and "MMLU 37.5%" in row["Measured here"]
     assert "shots 5 vs not stated" in row["Harness differences"] and "Instruct-Eval" in row["Harness differences"]
-    assert "tinyllama" not in recommendation(after)["Code"]["Not measured here yet"]  # measured now
 
 
 def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_path, capsys):
@@ -358,7 +380,7 @@ def test_output_and_figures_are_deterministic(good_results, tmp_path, monkeypatc
         assert generate_page(good_results, out) == 0
     assert first.read_bytes() == second.read_bytes()
     names = sorted(p.name for p in (first.parent / "figures").iterdir())
-    assert names == ["acceptance.svg", "finetune.svg", "quality.svg", "speculative.svg"]
+    assert names == ["acceptance.svg", "finetune.svg", "quality.svg", "size.svg", "speculative.svg"]
     for name in names:
         assert (first.parent / "figures" / name).read_bytes() == (second.parent / "figures" / name).read_bytes()
     original_glob = Path.glob
@@ -472,7 +494,8 @@ def test_empty_results_still_give_a_page_with_published_figures(tmp_path):
     folder.mkdir()
     text = page(folder, tmp_path)
     assert generate.STAMP in text and "No benchmark record yet" in text
-    assert all(r["Pick"] == "nothing measured qualifies yet" for r in recommendation(text).values())
+    for cells in machine_table(text).values():  # nothing measured: published picks, each provisional
+        assert "*provisional*" in cells["Chat"] and cells["Fine-tuning"] == "nothing measured or published fits"
     for entry in generate.PUBLISHED:
         assert entry["source"][1].startswith("https://")
     assert "49.3% *published*" in section(text, "## Seed models")
