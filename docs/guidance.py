@@ -241,6 +241,7 @@ class Cell:
 
 
 QUANTIZE_OF = {"bf16": "none", "8-bit": "8bit", "4-bit": "4bit"}
+NEAR_CHANCE_POINTS = 5  # a published MMLU score this close to 25% is not evidence of anything
 
 
 def licence_text(name: str) -> str:
@@ -280,8 +281,11 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
         return cell
 
     def published_best(benchmark, keep):
+        """The best published figure of a model that fits and is not measured here; an MMLU figure near chance
+        (no n to test it) never qualifies."""
         pool = [p for p in published if p["benchmark"] == benchmark and keep(p["model"]) and first_fit.get(p["model"])
-                and not any(e.name == p["model"] for e in entries)]
+                and not any(e.name == p["model"] for e in entries)
+                and not (benchmark == "MMLU" and p["value"] - common.CHANCE_ACCURACY * 100 < NEAR_CHANCE_POINTS)]
         return max(pool, key=lambda p: (p["value"], p["model"]), default=None)
 
     def provisional(cell, p, command_for):
@@ -339,8 +343,8 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
     if tuned:
         t, cell = tuned[0], cells["fine-tuning"]
         cell.pick, cell.precision = t.name, "QLoRA, 4-bit base" if machine.gpu else "LoRA, bf16 base"
-        cell.number = (f"held-out exact match {t.before_metric:.0%} → {t.after_metric:.0%} ({t.after[0]}/{t.after[1]}) "
-                       f"[{t.rid}]")
+        cell.number = (f"held-out exact match {t.before_metric:.0%} → {t.after_metric:.0%} "
+                       f"({t.after[0]}/{t.after[1]}) [{t.rid}]")
         flops = training_flops(t.name, t.n_tokens or 0)
         cell.speed = (f"{t.train_sec:.0f} s training measured on this repo's CPU [{t.rid}]" if not machine.gpu
                       and t.train_sec else f"{flops / GPU_TFLOPS_ASSUMED[1] / 1e12:.0f}–"

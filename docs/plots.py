@@ -12,6 +12,7 @@ import io
 import math
 
 import common  # docs/generate.py puts the repository root on sys.path
+import guidance
 
 
 # One colour per thing across every figure: a method keeps its colour in every panel, a model in every figure.
@@ -61,6 +62,7 @@ def draw_quality(plt, data):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("MMLU micro accuracy, % (95% interval)")
         ax.margins(x=0.2, y=0.15)
+        ax.set_xlim(left=0)
     legend_below(fig, axes[0], len(data["points"]) + 2)
     fig.suptitle("Quality against memory and against decode speed")
     return fig
@@ -93,7 +95,10 @@ def draw_size(plt, data):
         if key == "mmlu":
             ax.axhline(data["chance"] * 100, color="C3", linestyle="--", linewidth=1, label="chance (25%)")
         ax.set_xscale("log")
-        ax.set_xlabel("parameters, billions (log scale)")
+        sizes = sorted({p["params"] / 1e9 for p in data["points"]})
+        ax.set_xticks(sizes, [guidance.size_text(x * 1e9) for x in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("parameters (log scale)")
         ax.set_ylabel(ylabel)
         ax.margins(x=0.15, y=0.15)
     legend_below(fig, axes[0], 4)
@@ -122,8 +127,8 @@ def draw_speculative(plt, data):
     for ax in axes[:, 0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8,
-               frameon=False)
+    order = sorted(handles, key=lambda m: list(METHOD_COLOURS).index(m) if m in METHOD_COLOURS else -1)
+    fig.legend([handles[m] for m in order], order, loc="lower center", ncol=len(order), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
@@ -161,9 +166,8 @@ def draw_finetune(plt, data):
     loss.set_yscale("log")
     loss.set_xlabel("training step")
     loss.set_ylabel("training loss (log scale)")
-    bars.set_xticks([i * 3 + j for i in range(len(data["runs"])) for j in (0, 1)],
-                    [f"{run['label'].rsplit(' ', 1)[0]}\n{when}" for run in data["runs"] for when in ("before", "after")],
-                    fontsize=8)
+    bars.set_xticks([i * 3 + 0.5 for i in range(len(data["runs"]))],
+                    [run["label"].rsplit(" ", 1)[0] for run in data["runs"]], fontsize=8)
     bars.set_ylabel("held-out exact match, % (95% interval)")
     bars.set_ylim(0, 105)
     fig.suptitle("Fine-tuning: loss per step, and held-out exact match before (pale) and after LoRA")

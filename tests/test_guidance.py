@@ -131,3 +131,8 @@ def test_every_candidate_has_the_shapes_the_formulas_need():
     assert {"qwen3-0.6b", "qwen3-1.7b", "gemma-3-1b", "smollm2-1.7b"} <= set(guidance.candidates())
     assert "llama-3.1-8b" not in guidance.candidates()  # a speculative target, not a ~1B pick
     assert guidance.size_text(134_515_008) == "135 M" and guidance.size_text(494_032_768) == "0.49 B"
+
+
+def test_a_published_mmlu_near_chance_is_no_pick():
+    tiny = {**LLAMA_MMLU, "model": "tinyllama-1.1b", "value": 25.92}
+    assert cells(LAPTOP, [], published=[tiny])["chat"].pick is None
