@@ -599,7 +599,9 @@ def guidance_page(bench: list[Record], tunes: list[Record], heads: list[dict]) -
         cells = guidance.pick_cells(m, entries=entries, tunes=tuned, drafts=drafts, published=PUBLISHED,
                                     memory_parts=parts, best=best_by_counts, gib=gib)
         rows.append([f"**{m.name}**"] + [guidance.cell_text(cells[use]) for use in guidance.USES])
-    return {"machine_rows": rows, "machines": guidance.MACHINES, **training_tables(tuned), **why_1b(entries, overhead)}
+    bandwidths = "; ".join(f"{m.name} {m.bandwidth_gb_s:g} GB/s ({m.example})" for m in guidance.MACHINES)
+    return {"machine_rows": rows, "machines": guidance.MACHINES, "bandwidths": bandwidths, **training_tables(tuned),
+            **why_1b(entries, overhead)}
 
 
 def training_tables(tuned: list) -> dict:
@@ -750,12 +752,16 @@ def model_rows(bench: list[Record], specs: list[Record]) -> tuple[list, list]:
                                 f"({p['source'][1]}))" for p in published) or "none checked",
                       measured or "not measured here yet",
                       "; ".join(harness_differences(r, p) for r in runs[:1] for p in published[:1]) or "; ".join(
-                          f"{p['benchmark']}: {p['harness']}, {p['shots']}-shot {p['metric']} vs ours: lm-eval prompt, "
+                          f"{p['benchmark']}: {p['harness']}, {shots_words(p)} {p['metric']} vs ours: lm-eval prompt, "
                           f"5-shot micro acc on 10 subjects" if p["benchmark"].startswith("MMLU") else
                           f"{p['benchmark']}: {p['harness']} vs ours: a seeded subset, raw prompt, greedy"
-                          for p in published[:2]) or "-",
+                          for p in {q["benchmark"]: q for q in reversed(published)}.values()) or "-",
                       f"`python benchmark.py --models {name}`"])
     return seeds, others
+
+
+def shots_words(p: dict) -> str:
+    return f"{p['shots']}-shot" if str(p["shots"]).isdigit() else f"shots {p['shots']}"
 
 
 @functools.cache

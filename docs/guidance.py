@@ -32,7 +32,7 @@ class Machine:
 MACHINES = (
     Machine("CPU laptop, 8 GB RAM", False, 6, 51.2, "dual-channel DDR4-3200"),
     Machine("CPU laptop, 16 GB RAM", False, 14, 51.2, "dual-channel DDR4-3200"),
-    Machine("GPU, 4 GB", True, 4, 128, "GTX 1650 (GDDR5)"),
+    Machine("GPU, 4 GB", True, 4, 128, "GTX 1650, GDDR5"),
     Machine("GPU, 6 GB", True, 6, 336, "RTX 2060"),
     Machine("GPU, 8 GB", True, 8, 272, "RTX 4060"),
     Machine("GPU, 12 GB", True, 12, 360, "RTX 3060 12 GB"),
