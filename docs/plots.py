@@ -20,6 +20,7 @@ METHOD_COLOURS = {"target_only": "C7", "target_generate": "C5", "assisted": "C0"
 PRECISION_MARKERS = {"bf16": "o", "8-bit": "s", "4-bit": "D"}
 PRECISION_COLOURS = {"bf16": "C0", "8-bit": "C1", "4-bit": "C2"}
 MODEL_PALETTE = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9")  # C3 (red) and C7 (grey) mark chance and frontier
+PROMPT_PALETTE = ("C4", "C6", "C8", "C9")  # acceptance per prompt: none of the method colours
 
 
 def model_colour(name: str) -> str:
@@ -135,19 +136,19 @@ def draw_speculative(plt, data):
 
 def draw_acceptance(plt, data):
     panels = data["panels"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         ks, needed = zip(*panel["break_even"]) if panel["break_even"] else ((), ())
         ax.plot(ks, needed, color="black", label="break-even acceptance α")
-        for i, (name, alpha) in enumerate(panel["alpha"]):
-            ax.axhline(alpha, color=f"C{i}", linestyle=":", label=f"measured α, {name}")
+        for i, (name, alpha) in enumerate(panel["alpha"]):  # prompts take colours no method uses
+            ax.axhline(alpha, color=PROMPT_PALETTE[i % len(PROMPT_PALETTE)], linestyle=":", label=f"measured α, {name}")
         if panel["k"]:
             ax.axvline(panel["k"], color="0.7", linewidth=1, label=f"k used = {panel['k']}")
         ax.set_xlabel("draft tokens per step k")
         ax.set_ylabel("acceptance α")
         ax.set_ylim(0, 1)
         ax.set_title(panel["title"], fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
