@@ -1,4 +1,4 @@
-"""finetune_demo.py on a tiny random Llama: loss goes down, the adapter round-trips, Ctrl-C checkpoints resume,
+"""finetune.py and finetune_demo.py on a tiny random Llama: loss goes down, the adapter round-trips, Ctrl-C checkpoints resume,
 bad dataset lines are named by file and line, and the committed datasets are what the generator writes."""
 import dataclasses
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import finetune
 import finetune_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +56,8 @@ def test_help(script):
 
 def test_committed_datasets_match_generator_and_are_disjoint():
     assert subprocess.run([sys.executable, "data/make_finetune_data.py", "--check"], cwd=REPO).returncode == 0
-    train = finetune_demo.load_jsonl(REPO / "data" / "finetune_train.jsonl")
-    heldout = finetune_demo.load_jsonl(REPO / "data" / "finetune_heldout.jsonl")
+    train = finetune.load_jsonl(REPO / "data" / "finetune_train.jsonl")
+    heldout = finetune.load_jsonl(REPO / "data" / "finetune_heldout.jsonl")
     assert len(train) == 100 and len(heldout) >= 40
     assert not {r["text"] for r in train} & {r["text"] for r in heldout}
 
@@ -92,7 +93,7 @@ def test_bad_flag_exits_2_with_one_error_line_before_torch(flags):
 def test_warmup_is_a_deprecated_alias_of_warmup_steps(capsys):
     assert finetune_demo.parse_args(["--warmup", "3"]).warmup_steps == 3
     assert "--warmup is deprecated" in capsys.readouterr().err
-    assert finetune_demo.recipe_from(vars(finetune_demo.parse_args([]))) == finetune_demo.DEFAULTS
+    assert finetune.recipe_from(vars(finetune_demo.parse_args([]))) == finetune.DEFAULTS
 
 
 def test_non_utf8_training_file_is_named_by_line(tmp_path, capsys):
@@ -109,7 +110,7 @@ def test_non_utf8_training_file_is_named_by_line(tmp_path, capsys):
 def test_unwritable_output_folder_is_refused_before_the_model_loads(flag, tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folders were checked")
-    monkeypatch.setattr(finetune_demo, "load_for_finetune", no_loading)
+    monkeypatch.setattr(finetune, "load_for_finetune", no_loading)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert finetune_demo.main([flag, str(blocker), "--results-dir" if flag == "--output-dir" else "--output-dir",
@@ -124,10 +125,10 @@ def test_scoring_is_exact_and_field_level():
     examples = [{"record": {"cust": "Lopez, Maria", "n": 3, "due": None}},
                 {"record": {"cust": "Smith, James", "n": 1, "due": "FRI"}}]
     answers = ['{"cust":"Lopez, Maria","n":3,"due":null}', 'Sure! {"cust": "Smith, James", "n": 2, "due": "FRI"}']
-    result = finetune_demo.score(answers, examples)
+    result = finetune.score(answers, examples)
     assert result["metric"] == 0.5 and result["json_valid_rate"] == 1.0
     assert result["field_f1"] == pytest.approx(5 / 6)
-    assert finetune_demo.score(["no json here", "{}"], examples)["metric"] == 0.0
+    assert finetune.score(["no json here", "{}"], examples)["metric"] == 0.0
 
 
 def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tmp_path, results_dir):
@@ -139,28 +140,28 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
 
     import models
     console = Console(quiet=True)
-    recipe = dataclasses.replace(finetune_demo.DEFAULTS, epochs=4, lr=1e-2)  # as TINY_ARGS, without argparse
-    loaded, cpu_threads = finetune_demo.load_for_finetune(
+    recipe = dataclasses.replace(finetune.DEFAULTS, epochs=4, lr=1e-2)  # as TINY_ARGS, without argparse
+    loaded, cpu_threads = finetune.load_for_finetune(
         str(tiny_models["llama"]), device="cpu", dtype="auto", quantize="none", max_length=recipe.max_length,
         models_dir=None, threads=1, console=console)
-    rows = finetune_demo.load_jsonl(tiny_task / "train.jsonl")
-    trained = finetune_demo.train(loaded, rows, recipe=recipe, output_dir=tmp_path / "run", resume=False,
+    rows = finetune.load_jsonl(tiny_task / "train.jsonl")
+    trained = finetune.train(loaded, rows, recipe=recipe, output_dir=tmp_path / "run", resume=False,
                                   console=console, cpu_threads=cpu_threads)
     record = trained["record"]
     curve = record["loss_curve"]
     assert len(curve) == record["n_steps"] == 8
     assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2, curve
     check = record["completion_only_loss"]  # trl masked exactly the prompt: the loss covers the answer only
-    assert check["verified"] and check["trained_text"].startswith(finetune_demo.record_json(rows[0]["record"]))
+    assert check["verified"] and check["trained_text"].startswith(finetune.record_json(rows[0]["record"]))
     assert 0 < check["n_answer_tokens_trained"] < check["n_prompt_tokens_masked"] + check["n_answer_tokens_trained"]
-    assert finetune_demo.weight_change(trained["initial_weights"], trained["model"])["adapter_weights_changed"]
+    assert finetune.weight_change(trained["initial_weights"], trained["model"])["adapter_weights_changed"]
 
     model = trained["model"]
     model.save_pretrained(str(tmp_path / "adapter"))
-    assert finetune_demo.adapter_roundtrip_identical(model, tmp_path / "adapter")
+    assert finetune.adapter_roundtrip_identical(model, tmp_path / "adapter")
     probe = loaded.tokenizer("Ship 3 pens to Cork for Ada Lovelace.", return_tensors="pt")
     model.eval()
-    autocast = finetune_demo.autocast_context  # the demo evaluates under the training autocast, before and after
+    autocast = finetune.autocast_context  # the demo evaluates under the training autocast, before and after
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         trained_logits = model(**probe).logits.float()
     fresh = models.load_model(str(tiny_models["llama"]), device="cpu", log=lambda *_: None)
@@ -188,7 +189,7 @@ def test_demo_end_to_end_then_eval_adapter_reproduces(tiny_models, tiny_task, tm
 
 
 def test_ctrl_c_checkpoints_and_resume_finishes(tiny_models, tiny_task, tmp_path, results_dir, monkeypatch):
-    make_callback = finetune_demo.make_progress_callback
+    make_callback = finetune.make_progress_callback
 
     def interrupting_callback(*args, **kwargs):
         callback = make_callback(*args, **kwargs)
@@ -203,15 +204,69 @@ def test_ctrl_c_checkpoints_and_resume_finishes(tiny_models, tiny_task, tmp_path
 
     out = tmp_path / "run"
     argv = task_args(tiny_models, tiny_task, out) + ["--results-dir", str(results_dir)]
-    monkeypatch.setattr(finetune_demo, "make_progress_callback", interrupting_callback)
+    monkeypatch.setattr(finetune, "make_progress_callback", interrupting_callback)
     assert finetune_demo.main(argv) == 130
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
     assert not list(results_dir.glob("*.json"))
-    monkeypatch.setattr(finetune_demo, "make_progress_callback", make_callback)
+    monkeypatch.setattr(finetune, "make_progress_callback", make_callback)
     assert finetune_demo.main(argv + ["--resume"]) == 0
     train = only_result(results_dir)["train"]
     assert train["resumed_from_step"] == 3 and train["n_steps"] == 8
     # the record's training figures are totals over both runs: all 8 steps' losses and times, summed tokens
     assert train["n_parts"] == 2 and len(train["loss_curve"]) == len(train["step_sec_samples"]) == 8
     assert train["n_tokens"] > 0 and train["train_sec"] >= sum(train["step_sec_samples"])
-    assert not (out / finetune_demo.PARTS_FILE).exists()
+    assert not (out / finetune.PARTS_FILE).exists()
+
+
+def test_target_module_typo_is_refused_before_the_baseline_evaluation(tiny_models, tiny_task, tmp_path, capsys,
+                                                                     monkeypatch):
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the baseline evaluation ran before --target-modules was checked")
+    monkeypatch.setattr(finetune, "evaluate_heldout", no_evaluation)
+    argv = task_args(tiny_models, tiny_task, tmp_path / "run") + ["--results-dir", str(tmp_path / "results")]
+    assert finetune_demo.main(argv + ["--target-modules", "q_proj,foo_proj"]) == 2
+    err = capsys.readouterr().err
+    assert "--target-modules foo_proj:" in err and "q_proj" in err.split("choose from")[1]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_dtype_is_float32_on_a_cpu_without_fast_bf16(monkeypatch):
+    import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "packing_problem", lambda dtype: "this CPU has no bf16 support in oneDNN")
+    assert finetune.training_dtype("cpu", "auto") == "float32"
+    assert finetune.training_dtype("cpu", "bfloat16") == "bfloat16"  # an explicit --dtype is obeyed
+    monkeypatch.setattr(cpu_kernels, "packing_problem", lambda dtype: None)
+    assert finetune.training_dtype("cpu", "auto") == "bfloat16"
+
+
+def test_answer_only_loss_covers_exactly_the_answer_and_ignores_padding(tiny_models, tiny_task):
+    """answer_nll (the head run on answer positions only) equals the full-vocabulary loss over all positions with
+    the prompt masked, in fp32; and a padded batch gives the sum of the examples' losses one by one."""
+    import torch
+
+    import models
+    loaded = models.load_model(str(tiny_models["llama"]), device="cpu", dtype="float32", log=lambda *_: None)
+    tokenizer, spec, model = loaded.tokenizer, loaded.resolved.spec, loaded.model.eval()
+    rows = finetune.load_jsonl(tiny_task / "train.jsonl")[:3]
+    encoded = [finetune.encode_example(row, tokenizer, spec) for row in rows]
+
+    def batch(chunk):
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+        mask, labels = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
+        for row, (ids, n_prompt) in enumerate(chunk):
+            input_ids[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), 1
+            labels[row, n_prompt:len(ids)] = input_ids[row, n_prompt:len(ids)]
+        return input_ids, mask, labels
+
+    with torch.no_grad():
+        input_ids, mask, labels = batch(encoded)
+        nll, n_tokens, _ = finetune.answer_nll(model, labels, input_ids=input_ids, attention_mask=mask)
+        assert int(n_tokens) == sum(len(ids) - n_prompt for ids, n_prompt in encoded)
+        full = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        reference = torch.nn.functional.cross_entropy(full.reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1),
+                                                      ignore_index=-100, reduction="sum")
+        assert float(nll) == pytest.approx(float(reference), rel=1e-5)
+        one_by_one = sum(float(finetune.answer_nll(model, batch([e])[2], input_ids=batch([e])[0],
+                                                   attention_mask=batch([e])[1])[0]) for e in encoded)
+        assert float(nll) == pytest.approx(one_by_one, rel=1e-4)
