@@ -9,7 +9,8 @@ adapter weights and the outputs changed, saves the adapter, and writes a results
 
 Ctrl-C during training saves a checkpoint; `--resume` continues from it, and the training figures of the
 record are totals over both parts. `--eval-adapter DIR` reloads a saved adapter and re-measures the held-out
-numbers, which must reproduce the "after" figures.
+numbers, which must reproduce the "after" figures. The recipe, data, loss, training and evaluation live in
+finetune.py; this script is the command line and the display.
 
     python finetune_demo.py                                  # SmolLM2-135M on CPU: 0% -> ~76% in ~1 min (2 cores)
     python finetune_demo.py --model qwen-coder-0.5b          # Qwen2.5-Coder-0.5B: 0% -> ~96% in ~2 min (2 cores)
@@ -80,7 +81,8 @@ def parse_args(argv=None, saved: dict | None = None):
     parser.add_argument("--quantize", default="auto", choices=("auto", *common.QUANTIZE_CHOICES),
                         help="base weights: auto = 4bit (QLoRA) on CUDA, none (LoRA) elsewhere")
     parser.add_argument("--train-file", type=Path, default=finetune.TRAIN_FILE, help="training examples (JSON lines)")
-    parser.add_argument("--heldout-file", type=Path, default=finetune.HELDOUT_FILE, help="held-out examples (JSON lines)")
+    parser.add_argument("--heldout-file", type=Path, default=finetune.HELDOUT_FILE,
+                        help="held-out examples (JSON lines)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="checkpoints and adapter; when not given, runs/finetune-<model>")
     finetune.add_recipe_flags(parser)

@@ -1,5 +1,7 @@
-"""finetune.py and finetune_demo.py on a tiny random Llama: loss goes down, the adapter round-trips, Ctrl-C checkpoints resume,
-bad dataset lines are named by file and line, and the committed datasets are what the generator writes."""
+"""finetune.py and finetune_demo.py on a tiny random Llama: loss goes down, the adapter round-trips, Ctrl-C
+checkpoints resume, the answer-only loss covers exactly the answer, a --target-modules typo is refused before the
+baseline evaluation, bad dataset lines are named by file and line, and the committed datasets are what the
+generator writes."""
 import dataclasses
 import json
 import signal
