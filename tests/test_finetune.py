@@ -166,7 +166,7 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
     autocast = finetune.autocast_context  # the demo evaluates under the training autocast, before and after
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         trained_logits = model(**probe).logits.float()
-    fresh = models.load_model(str(tiny_models["llama"]), device="cpu", log=lambda *_: None)
+    fresh = models.load_model(str(tiny_models["llama"]), device="cpu", dtype=loaded.dtype, log=lambda *_: None)
     with torch.no_grad(), autocast("cpu", loaded.dtype):
         base_logits = fresh.model(**probe).logits.float()
         reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
