@@ -31,16 +31,9 @@ from pathlib import Path
 import common
 
 import models
+from chat import (MAX_CONTEXT_TOKENS, MEMORY_WORDS, ChatModel, ReplyStats, Settings, Side, build_prompt,
+                  count_text, load_chat_model, memory_reading, speed_summary, stream_reply)
 
-# Default cap on the history window, in tokens: Llama 3.2 advertises 131k, whose KV cache alone would need GiBs.
-MAX_CONTEXT_TOKENS = 8192
-TRIM_TO_SHARE = 0.75  # trimmed history fills this much of the window: the next turns extend the cache, not re-encode
-# Control characters a model may emit (ESC above all) would drive the terminal: they are dropped from replies.
-CONTROL_CHARACTERS = dict.fromkeys([*range(0, 9), *range(11, 32), 127, *range(128, 160)])
-# A base model continues a plain transcript with the next user turn: the reply ends where that starts.
-PLAIN_STOP_TEXTS = ("\nUser:",)
-MEMORY_WORDS = {"rss": "RSS", "vram_allocated": "VRAM"}
-WARM_UP_TOKENS = 4  # untimed tokens after loading: the first forward passes pay for kernel and cache set-up
 # The settings /temp, /top-p and /max-new-tokens change: (the user's word for it, type, lowest, highest).
 SETTING_LIMITS = {"temperature": ("temperature", float, 0.0, 5.0), "top_p": ("top-p", float, 0.01, 1.0),
                   "max_new_tokens": ("max-new-tokens", int, 1, 100_000)}
@@ -61,91 +54,14 @@ COMMANDS = {
 
 
 @dataclasses.dataclass
-class Settings:
-    system: str
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-
-
-@dataclasses.dataclass
-class ChatModel:
-    loaded: models.LoadedModel
-    label: str
-    context_tokens: int  # history + reply must fit in this many tokens
-    stop_ids: frozenset
-    templated: bool  # False: the plain User/Assistant transcript of models.chat_prompt
-
-
-@dataclasses.dataclass
-class ReplyStats:
-    model: str
-    n_prompt_tokens: int = 0
-    n_cached_tokens: int = 0  # of the prompt, already in the KV cache from earlier turns (not computed again)
-    n_completion_tokens: int = 0
-    n_decode_steps: int = 0  # forward passes after the prefill (a final stop token included)
-    n_trimmed_messages: int = 0
-    ttft_sec: float | None = None  # prefill of the new tokens + first sample: the wait before the first token
-    generate_sec: float = 0.0  # this model's own compute; in a comparison the other model's turns are not counted
-    stop_reason: str = "running"  # stop_token, stop_text, max_tokens, context_full or interrupted
-    memory_in_use_bytes: int | None = None
-    memory_kind: str = "rss"
-    weight_bytes: int = 0
-
-    @property
-    def decode_tok_per_sec(self) -> float | None:
-        decode_sec = self.generate_sec - (self.ttft_sec or 0.0)
-        return self.n_decode_steps / decode_sec if self.n_decode_steps and decode_sec > 0 else None
-
-    def line(self, memory: bool = True) -> str:
-        """The timing line; memory=False: only the weights (two compared models share one process's memory)."""
-        rate = self.decode_tok_per_sec
-        cached = f" ({self.n_cached_tokens} cached)" if self.n_cached_tokens else ""
-        weights = f"weights {common.human_bytes(self.weight_bytes)}"
-        parts = [f"TTFT {self.ttft_sec:.2f} s" if self.ttft_sec is not None else "TTFT -",
-                 f"{rate:.1f} tok/s" if rate else "- tok/s",
-                 f"prompt {self.n_prompt_tokens} tok{cached}", f"reply {self.n_completion_tokens} tok",
-                 f"{MEMORY_WORDS[self.memory_kind]} {common.human_bytes(self.memory_in_use_bytes)} ({weights})"
-                 if memory else weights]
-        ending = {"interrupted": "stopped by Ctrl-C", "max_tokens": "hit --max-new-tokens",
-                  "context_full": "context window full"}.get(self.stop_reason)
-        return ", ".join(parts + ([ending] if ending else []))
-
-
-@dataclasses.dataclass
-class Side:
-    """One model's side of the chat: its messages, and a KV cache with the exact token ids it holds."""
-    chat: ChatModel
-    history: list = dataclasses.field(default_factory=list)
-    cache: object = None
-    cached_ids: list = dataclasses.field(default_factory=list)
-
-    def remember(self, user_text: str, reply: str) -> None:
-        if reply:  # an interrupted reply stays in the history: the model sees what the user saw
-            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
-
-    def reuse_cache(self, prompt_ids: list) -> int:
-        """Crop the cache to its longest common prefix with prompt_ids and return that length; only the rest is fed.
-        Token ids, not messages: a template may render earlier turns differently later, and a reply read back may
-        tokenize differently. The last prompt token is always fed: its logits choose the first reply token."""
-        n, limit = 0, min(len(self.cached_ids), len(prompt_ids) - 1)
-        while n < limit and self.cached_ids[n] == prompt_ids[n]:
-            n += 1
-        if 0 < n < len(self.cached_ids):
-            try:  # a negative count removes that many tokens from the end (transformers 4.x and 5.x agree)
-                self.cache.crop(n - len(self.cached_ids))
-            except (RuntimeError, ValueError):  # a sliding-window layer that already evicted what we would keep
-                n = 0
-        if n == 0:
-            self.cache = models.new_cache()
-        self.cached_ids = self.cached_ids[:n]
-        return n
-
-
-@dataclasses.dataclass
 class Session:
     settings: Settings
-    load_options: dict  # keywords for load_chat_model
+    # how models load (the keywords of chat.load_chat_model)
+    device: str
+    dtype: str
+    quantize: str
+    context_tokens: int | None
+    models_dir: Path
     results_dir: Path
     threads: int  # --threads: 0 = adapt to the idle cores
     seed: int
@@ -295,10 +211,6 @@ def downloaded_models(models_dir: Path) -> list:
     return found + [(str(folder), "local folder") for folder in folders if folder.name not in models.REGISTRY]
 
 
-def count_text(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-
-
 def choose_model(ui: Terminal, models_dir: Path) -> str | None:
     """The start-up menu: a number, a name or a path; Enter takes the default model; Ctrl-D gives None."""
     from rich.table import Table
@@ -325,153 +237,24 @@ def choose_model(ui: Terminal, models_dir: Path) -> str | None:
         ui.error(f"There is no model number {answer}.")
 
 
-def load_chat_model(name: str, *, device: str, dtype: str, quantize: str, context_tokens: int | None,
-                    models_dir: Path, log=print) -> ChatModel:
-    """models.load_model plus what a chat needs, warmed up; any failure becomes one sentence (the chat goes on)."""
-    wanted_context = context_tokens or MAX_CONTEXT_TOKENS
-    log(f"Loading {name}...")
-    try:
-        loaded = models.load_model(name, device=device, dtype=dtype, quantize=quantize,
-                                   context_tokens=wanted_context, models_dir=models_dir, log=log)
-    except common.UserError:
-        raise
-    except Exception as error:  # a broken folder, an unsupported architecture, a corrupt file...
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise common.UserError(f"{name} failed to load ({type(error).__name__}: {reason}).") from None
-    window = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None) or wanted_context
-    spec = loaded.resolved.spec
-    templated = models.uses_chat_template(loaded.tokenizer, spec)
-    chat = ChatModel(loaded, loaded.resolved.label, min(window, wanted_context),
-                     frozenset(models.stop_token_ids(loaded.tokenizer, spec)), templated)
-    # A few untimed tokens, so the first reply's timings are not one-off start-up costs (seconds on CPU).
-    warm_up = Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=WARM_UP_TOKENS)
-    ids = loaded.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
-    for _ in stream_reply(Side(chat), ids, warm_up, WARM_UP_TOKENS, ReplyStats(chat.label)):
-        pass
-    weights = loaded.quantize if loaded.quantize != "none" else loaded.dtype
-    log(f"{chat.label}: {count_text(loaded.n_params)} parameters, {weights} on {loaded.device}, "
-        f"{chat.context_tokens}-token context, "
-        f"{'its chat template' if templated else 'plain User/Assistant prompt (no chat template)'}, "
-        f"loaded in {loaded.load_sec:.1f} s ({common.human_bytes(loaded.weight_bytes)} of weights).")
-    return chat
-
-
-def load_models(names: list, options: dict, log, loaded: dict | None = None) -> list:
+def load_models(session: Session, names: list, log, loaded: dict | None = None) -> list:
     """ChatModels for the names, reusing those in `loaded` (label -> ChatModel) and loading each label once."""
     loaded, chats = dict(loaded or {}), []
     for name in names:
         if isinstance(name, ChatModel):
             chats.append(name)
             continue
-        label = models.resolve_model(name, options["models_dir"]).label
-        chats.append(loaded.get(label) or load_chat_model(name, **options, log=log))
+        label = models.resolve_model(name, session.models_dir).label
+        chats.append(loaded.get(label) or load_chat_model(
+            name, device=session.device, dtype=session.dtype, quantize=session.quantize,
+            context_tokens=session.context_tokens, models_dir=session.models_dir, log=log))
         loaded[label] = chats[-1]
     return chats
 
 
 def open_models(session: Session, ui: Terminal, names: list) -> None:
     """Make the named models the ones that answer; models no longer named are dropped (no weights pile up)."""
-    session.use(load_models(names, session.load_options, ui.info, {chat.label: chat for chat in session.chats}))
-
-
-# ---------------------------------------------------------------------------------------- generating
-def encode(chat: ChatModel, system: str, messages: list) -> list:
-    if system:
-        messages = [{"role": "system", "content": system}] + messages
-    text = models.chat_prompt(chat.loaded.tokenizer, messages, chat.loaded.resolved.spec)
-    # A chat template writes its own BOS; adding special tokens again would double it.
-    return chat.loaded.tokenizer(text, add_special_tokens=not chat.templated)["input_ids"]
-
-
-def build_prompt(chat: ChatModel, history: list, settings: Settings, user_text: str) -> tuple:
-    """(prompt ids, n oldest messages dropped, reply budget). When prompt + reply do not fit, whole exchanges go,
-    oldest first, until they fit in TRIM_TO_SHARE of the window."""
-    new, reply = [{"role": "user", "content": user_text}], settings.max_new_tokens
-    for start in range(0, len(history) + 1, 2):
-        ids = encode(chat, settings.system, history[start:] + new)
-        if len(ids) + reply <= chat.context_tokens * (TRIM_TO_SHARE if start else 1):
-            return ids, start, reply
-    if len(ids) < chat.context_tokens:  # the new message alone: the reply gets what is left of the window
-        return ids, len(history), min(reply, chat.context_tokens - len(ids))
-    raise common.UserError(f"That prompt is {len(ids)} tokens (with the system prompt and template) but "
-                           f"{chat.label}'s context window is {chat.context_tokens} tokens; shorten it.")
-
-
-def held_back(text: str, stop_texts: tuple) -> int:
-    """How many trailing characters might be the start of a stop text (or half a UTF-8 character)."""
-    if text.endswith("\ufffd"):  # the rest of a multi-byte character may be in the next token
-        return len(text) - len(text.rstrip("\ufffd"))
-    for stop in stop_texts:
-        for k in range(len(stop) - 1, 0, -1):
-            if text.endswith(stop[:k]):
-                return k
-    return 0
-
-
-def stream_reply(side: Side, prompt_ids: list, settings: Settings, max_new_tokens: int, stats: ReplyStats):
-    """Yield the reply's text as tokens are sampled (models.decode_steps over the side's KV cache, fed only what it
-    does not hold). Only the model's own work is timed, so alternating compared models measures each fairly."""
-    import torch
-    chat, tokenizer, stop_texts = side.chat, side.chat.loaded.tokenizer, () if side.chat.templated else PLAIN_STOP_TEXTS
-    stats.n_prompt_tokens = len(prompt_ids)
-    stats.n_cached_tokens = side.reuse_cache(prompt_ids)
-
-    def forward(model, ids, cache):
-        try:
-            logits = models.forward_logits(model, ids, cache)
-        except BaseException:  # Ctrl-C mid-pass: some layers may hold these tokens and some not
-            side.cache, side.cached_ids = None, []
-            raise
-        side.cached_ids += ids  # decode_steps feeds every token but the last one it yields
-        return logits
-
-    pick = functools.partial(models.sample_token, temperature=settings.temperature, top_p=settings.top_p)
-    steps = models.decode_steps(chat.loaded.model, prompt_ids[stats.n_cached_tokens:], cache=side.cache,
-                                max_new_tokens=max_new_tokens, pick=pick, stop_ids=chat.stop_ids, forward=forward)
-    generated, text, shown = [], "", 0
-    try:
-        while True:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                token = next(steps, (None,))[0]  # the sample's int() waits for the device
-            if token is None:
-                stats.stop_reason = "max_tokens" if max_new_tokens == settings.max_new_tokens else "context_full"
-                break
-            stats.generate_sec += time.perf_counter() - start
-            if stats.ttft_sec is None:
-                stats.ttft_sec = stats.generate_sec
-            else:
-                stats.n_decode_steps += 1
-            if token in chat.stop_ids:
-                stats.stop_reason = "stop_token"
-                break
-            generated.append(token)
-            stats.n_completion_tokens += 1
-            text = tokenizer.decode(generated, skip_special_tokens=True).translate(CONTROL_CHARACTERS)
-            cut = min((text.find(stop) for stop in stop_texts if stop in text), default=-1)
-            if cut >= 0:
-                text, stats.stop_reason = text[:cut], "stop_text"
-                break
-            visible = len(text) - held_back(text, stop_texts)
-            if visible > shown:
-                yield text[shown:visible]
-                shown = visible
-        if len(text.rstrip("\ufffd")) > shown:
-            yield text.rstrip("\ufffd")[shown:]
-    finally:  # also when Ctrl-C ends the reply: the timing line still shows the memory
-        stats.stop_reason = "interrupted" if stats.stop_reason == "running" else stats.stop_reason
-        stats.memory_in_use_bytes, stats.memory_kind = memory_reading(chat.loaded.device)
-
-
-def memory_reading(device: str, peak: bool = False) -> tuple:
-    """(bytes, kind) in use now, or with peak the most so far: the CUDA allocator's on a GPU, else the process RSS."""
-    if device.startswith("cuda"):
-        import torch
-        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()), "vram_allocated"
-    import psutil
-    import resource
-    most = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    return (most if peak else psutil.Process().memory_info().rss), "rss"
+    session.use(load_models(session, names, ui.info, {chat.label: chat for chat in session.chats}))
 
 
 def answer(session: Session, ui: Terminal, user_text: str) -> None:
@@ -511,21 +294,6 @@ def answer(session: Session, ui: Terminal, user_text: str) -> None:
 def column_labels(chats: list) -> list:
     labels = [chat.label for chat in chats]
     return labels if len(set(labels)) == len(labels) else [f"{label} #{i + 1}" for i, label in enumerate(labels)]
-
-
-def speed_summary(a: ReplyStats, b: ReplyStats, same_tokenizer: bool) -> str:
-    """Which model decoded faster, by what factor, and how their first tokens compared."""
-    if not (a.decode_tok_per_sec and b.decode_tok_per_sec):
-        return "Too few tokens in one of the replies to compare speeds."
-    fast, slow = sorted((a, b), key=lambda s: s.decode_tok_per_sec, reverse=True)
-    ratio = fast.decode_tok_per_sec / slow.decode_tok_per_sec
-    text = (f"{fast.model} was faster: {ratio:.2f}x the tokens/sec of {slow.model} "
-            f"({fast.decode_tok_per_sec:.1f} vs {slow.decode_tok_per_sec:.1f} tok/s); "
-            f"first token after {fast.ttft_sec:.2f} s vs {slow.ttft_sec:.2f} s.")
-    if not same_tokenizer:
-        text += (f" Their tokenizers differ, so a token is not the same amount of text: the whole replies took "
-                 f"{fast.generate_sec:.2f} s vs {slow.generate_sec:.2f} s.")
-    return text
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -568,7 +336,7 @@ def command_compare(session: Session, ui: Terminal, arg: str, interactive: bool)
         ui.info(f"Only {session.chats[0].label} answers now (a fresh conversation).")
         return
     if not names and interactive:
-        names = [choose_model(ui, session.load_options["models_dir"])]
+        names = [choose_model(ui, session.models_dir)]
         if names == [None]:
             return
     if len(names) not in (1, 2):
@@ -581,9 +349,8 @@ def command_compare(session: Session, ui: Terminal, arg: str, interactive: bool)
 def save_transcript(session: Session) -> Path:
     """<results>/chat-<model>-<stamp>.json: the transcript, every reply's timings, the settings and the models."""
     first = session.chats[0].loaded
-    options = session.load_options
     config = {"settings": dataclasses.asdict(session.settings), "device": first.device, "dtype": first.dtype,
-              "quantize": options["quantize"], "context_tokens": options["context_tokens"],
+              "quantize": session.quantize, "context_tokens": session.context_tokens,
               "seed": session.seed, "models": [chat.label for chat in session.chats]}
     record = common.result_record("chat", config, common.environment(first.device), model=first.identity(),
                                   models=list(session.identities.values()), transcript=session.transcript,
@@ -601,7 +368,7 @@ def run_command(session: Session, ui: Terminal, line: str, interactive: bool) ->
         for usage, meaning in COMMANDS.items():
             ui.info(f"  {usage:<22} {meaning}")
     elif name == "/model":
-        target = arg or (choose_model(ui, session.load_options["models_dir"]) if interactive else None)
+        target = arg or (choose_model(ui, session.models_dir) if interactive else None)
         if target is None:
             ui.info("Answering: " + ", ".join(chat.label for chat in session.chats) + ". Use /model NAME|PATH.")
         else:
@@ -665,7 +432,7 @@ def chat_loop(session: Session, ui: Terminal, lines, interactive: bool) -> None:
 def start_models(session: Session, ui: Terminal, names: list | None, interactive: bool) -> bool:
     """The models named on the command line, else the menu (or, without a terminal, the default model). In a
     terminal they load in the background (see ready()). False: the user left at the menu."""
-    models_dir = session.load_options["models_dir"]
+    models_dir = session.models_dir
     if not interactive:
         if names is None:
             ui.info(f"No --model given: using {models.DEFAULT_MODEL}.")
@@ -685,7 +452,7 @@ def start_models(session: Session, ui: Terminal, names: list | None, interactive
         if names == [None]:
             return False
     notes = []
-    session.pending = in_background(functools.partial(load_models, names, session.load_options, notes.append),
+    session.pending = in_background(functools.partial(load_models, session, names, notes.append),
                                     after=imports), notes
     return True
 
@@ -761,9 +528,9 @@ def run(argv=None) -> int:
                         max_new_tokens=args.max_new_tokens)
     for field in SETTING_LIMITS:  # the upper limits of the /commands apply to the flags too
         set_setting(settings, field, str(getattr(settings, field)), prefix="--")
-    load_options = {"device": args.device, "dtype": args.dtype, "quantize": args.quantize,
-                    "context_tokens": args.context_tokens, "models_dir": args.models_dir}
-    session = Session(settings, load_options, results_dir=args.results_dir, threads=args.threads, seed=args.seed)
+    session = Session(settings, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                      context_tokens=args.context_tokens, models_dir=args.models_dir, results_dir=args.results_dir,
+                      threads=args.threads, seed=args.seed)
     if args.prompt is None:  # /save can come: say now, not after an hour of chat, when it cannot work
         try:
             common.check_writable(args.results_dir, what="results folder")

@@ -1,4 +1,4 @@
-"""Chat time to first token after a long turn: demo_chat keeps its KV cache across turns, so a short turn after a
+"""Chat time to first token after a long turn: chat.py keeps its KV cache across turns, so a short turn after a
 ~2,000-token one should wait only for its own new tokens.
 
 Why: without the cache every turn re-encodes the whole history, and after one long message each later short turn
@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import chat  # noqa: E402
 import common  # noqa: E402
 
 import models  # noqa: E402
@@ -43,24 +44,22 @@ def long_message(tokenizer, n_tokens: int) -> str:
     return "Here is my inventory:\n" + "\n".join(lines) + "\nPlease remember it."
 
 
-def turn(demo_chat, side, text: str, settings):
-    """One chat turn on this side (as demo_chat answers it); returns its ReplyStats."""
-    ids, n_dropped, budget = demo_chat.build_prompt(side.chat, side.history, settings, text)
+def turn(side, text: str, settings):
+    """One chat turn on this side (as the chat answers it); returns its ReplyStats."""
+    _, stats, n_dropped = chat.turn(side, text, settings)
     if n_dropped:
         raise common.UserError("The long turn does not fit the context window; pass a smaller --long-tokens.")
-    stats = demo_chat.ReplyStats(side.chat.label)
-    side.remember(text, "".join(demo_chat.stream_reply(side, ids, settings, budget, stats)))
     return stats
 
 
-def measure_round(demo_chat, chat, settings, long_text: str) -> dict:
+def measure_round(model, settings, long_text: str) -> dict:
     """TTFT of the short turn fresh, after the long turn (cache kept) and after it with the history re-encoded."""
-    fresh = turn(demo_chat, demo_chat.Side(chat), SHORT_TURN, settings)
-    side = demo_chat.Side(chat)
-    long_stats = turn(demo_chat, side, long_text, settings)
+    fresh = turn(chat.Side(model), SHORT_TURN, settings)
+    side = chat.Side(model)
+    long_stats = turn(side, long_text, settings)
     history = list(side.history)
-    after = turn(demo_chat, side, SHORT_TURN, settings)
-    reencode = turn(demo_chat, demo_chat.Side(chat, history=history), SHORT_TURN, settings)
+    after = turn(side, SHORT_TURN, settings)
+    reencode = turn(chat.Side(model, history=history), SHORT_TURN, settings)
     return {"fresh": fresh, "after": after, "re-encode": reencode, "long": long_stats}
 
 
@@ -80,19 +79,18 @@ def parse_args(argv=None):
 
 def main_body(argv=None) -> int:
     args = parse_args(argv)
-    import demo_chat  # the code under test; imported here so that --help stays instant
-    chat = demo_chat.load_chat_model(args.model, device=args.device, dtype=args.dtype, quantize="none",
+    model = chat.load_chat_model(args.model, device=args.device, dtype=args.dtype, quantize="none",
                                      context_tokens=args.long_tokens + 1024, models_dir=args.models_dir,
                                      log=lambda *_: None)
     if args.attention != "as loaded":
-        chat.loaded.model.set_attn_implementation(args.attention)
-    threads = common.CpuThreads(args.threads, enabled=chat.loaded.device == "cpu")
-    settings = demo_chat.Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=REPLY_TOKENS)
-    long_text = long_message(chat.loaded.tokenizer, args.long_tokens)
-    print(f"{chat.label} {chat.loaded.dtype} on {chat.loaded.device} ({common.cpu_name()}), attention "
+        model.loaded.model.set_attn_implementation(args.attention)
+    threads = common.CpuThreads(args.threads, enabled=model.loaded.device == "cpu")
+    settings = chat.Settings(system="", temperature=0.0, top_p=1.0, max_new_tokens=REPLY_TOKENS)
+    long_text = long_message(model.loaded.tokenizer, args.long_tokens)
+    print(f"{model.label} {model.loaded.dtype} on {model.loaded.device} ({common.cpu_name()}), attention "
           f"{args.attention}, torch threads: {threads.describe()}")
-    measure_round(demo_chat, chat, settings, long_text)  # warm-up, not counted
-    rounds = [measure_round(demo_chat, chat, settings, long_text) for _ in range(args.rounds)]
+    measure_round(model, settings, long_text)  # warm-up, not counted
+    rounds = [measure_round(model, settings, long_text) for _ in range(args.rounds)]
     first = rounds[0]
     print(f"long turn: {first['long'].n_prompt_tokens} prompt tokens (TTFT {first['long'].ttft_sec:.3f} s); "
           f"short turn: {first['fresh'].n_prompt_tokens} tokens fresh, {first['after'].n_prompt_tokens} after the "
