@@ -360,7 +360,7 @@ RESUME_KEYS = ("device", "dtype", "seed", "mmlu_shots", "mmlu_limit", "mmlu_subj
                "humaneval_limit", "humaneval_samples", "humaneval_max_new_tokens", "prefill_tokens",
                "decode_tokens", "repetitions", "warmup", "sandbox")
 # Flags that are not measuring settings and stay out of a record's config.
-NOT_CONFIG = ("models", "quantize", "resume", "quick", "child", "results_dir", "models_dir")
+NOT_CONFIG = ("models", "quantize", "resume", "quick", "child", "results_dir", "models_dir", "docs_dir")
 
 
 def find_resumable(results_dir: Path, config: dict) -> tuple[Path | None, str | None]:
@@ -553,35 +553,32 @@ def print_summary(console, record: dict, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    from mmlu import MMLU_SUBJECTS
+    import mmlu
     parser = common.argument_parser(__doc__)
     parser.add_argument("--models", type=common.comma_list(what="model"), default=",".join(models.SEED_MODELS),
-                        help="comma-separated registry names, local folders, .gguf files or hub ids "
-                             "(default: the four seed models)")
-    parser.add_argument("--quantize", type=common.comma_list(common.QUANTIZE_CHOICES, "quantization"), default="none",
-                        help="comma-separated: none, 8bit, 4bit (one record each)")
+                        help="comma-separated registry names, local folders, .gguf files or hub ids; one record "
+                             "each (default: the four seed models, which download_models.py fetches)")
     parser.add_argument("--phases", type=common.comma_list(PHASES, "phase"), default=",".join(PHASES),
                         help="comma-separated subset of mmlu,humaneval,speed")
     parser.add_argument("--quick", action="store_true",
                         help=f"README main job: {QUICK_DEFAULTS['models']} with small limits (~5 min on 2 CPU cores), "
-                             "then docs/generate.py")
-    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", choices=common.DTYPE_CHOICES, default="auto", help="weights and compute dtype")
-    common.add_common_flags(parser)
-    parser.add_argument("--seed", type=int, default=1234, help="seeds the question/problem subsets and sampling")
+                             "then the comparison page in --docs-dir")
+    common.add_common_flags(parser, "--device", "--dtype", "--quantize", "--seed", "--threads", "--models-dir",
+                            "--results-dir", "--docs-dir", many=("--quantize",))
     parser.add_argument("--resume", action="store_true",
                         help="continue the newest record with the same settings: skip finished phases and questions")
     parser.add_argument("--mmlu-shots", type=common.non_negative_int, default=5,
-                        help="few-shot exemplars (5, as the Open LLM Leaderboard)")
+                        help="few-shot exemplars (the Open LLM Leaderboard uses 5)")
     parser.add_argument("--mmlu-limit", type=common.non_negative_int, default=0, help="questions per subject (0: all)")
-    parser.add_argument("--mmlu-subjects", type=common.comma_list(what="subject"), default=",".join(MMLU_SUBJECTS),
-                        help="comma-separated MMLU subjects")
+    parser.add_argument("--mmlu-subjects", type=common.comma_list(mmlu.ALL_SUBJECTS, "MMLU subject"),
+                        default=",".join(mmlu.MMLU_SUBJECTS),
+                        help="comma-separated MMLU subjects, any of the 57 (default: a 10-subject spread)")
     parser.add_argument("--mmlu-chunk", type=common.positive_int, default=32, help="questions per logged step")
     parser.add_argument("--mmlu-batch-size", type=common.positive_int, default=8, help="suffixes per forward pass")
     parser.add_argument("--mmlu-no-cache", action="store_true",
                         help="plain full-prompt scoring, the slow reference (--mmlu-batch-size 1: lm-eval's batch 1)")
     parser.add_argument("--humaneval-limit", type=common.non_negative_int, default=20,
-                        help="problems, seeded choice (0 or 164: all); 20 takes a few minutes with smollm2 on CPU")
+                        help="problems, seeded choice (0 or 164: all); the default takes a few minutes with smollm2 on CPU")
     parser.add_argument("--humaneval-samples", type=common.positive_int, default=1,
                         help="samples per problem: 1 = greedy pass@1; n > 1 = sampling, unbiased pass@k")
     parser.add_argument("--humaneval-max-new-tokens", type=common.positive_int, default=384,
@@ -622,11 +619,24 @@ def run_jobs_in_children(argv: list[str], jobs: list[tuple[str, str]], console) 
     return statuses
 
 
-def regenerate_docs(results_dir: Path, console) -> None:
+def refuse_missing_models(names: list[str], models_dir: Path, *, use_hub: bool, named: bool) -> None:
+    """Say once, before any load, which models are not on this machine and what to run: offline nothing can fetch
+    them, and a bare run (the seed models, never named) would otherwise start fetching gigabytes unasked."""
+    missing = [n for n in names if models.model_on_disk(n, models_dir)[1] == "missing"]
+    if not missing or (use_hub and named):
+        return
+    where = "the hub cannot be reached" if not use_hub else "a bare run does not download them"
+    raise common.UserError(
+        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not downloaded (looked in {models_dir}) and "
+        f"{where}; run `python download_models.py --models {','.join(missing)}` first, or `python benchmark.py "
+        f"--quick` for the 5-minute job on {models.DEFAULT_MODEL} (no hub needed).")
+
+
+def regenerate_docs(results_dir: Path, docs_dir: Path, console) -> None:
     generator = common.REPO_DIR / "docs" / "generate.py"
-    console.print("Regenerating docs: python docs/generate.py")
-    subprocess.run([sys.executable, str(generator), "--results-dir", str(Path(results_dir).resolve())],
-                   cwd=common.REPO_DIR, check=False)
+    console.print(f"Regenerating the comparison page in {docs_dir}: python docs/generate.py")
+    subprocess.run([sys.executable, str(generator), "--results-dir", str(Path(results_dir).resolve()),
+                    "--docs-dir", str(Path(docs_dir).resolve())], cwd=common.REPO_DIR, check=False)
 
 
 EXIT_STATUS = {0: "complete", 1: "partial", 2: "failed"}  # a child's exit code -> its record's status
@@ -648,8 +658,9 @@ def run(argv=None) -> int:
     for name in names:
         models.resolve_model(name, args.models_dir)  # a wrong name fails here, in one sentence, before any load
     common.check_writable(args.results_dir / "samples", what="results folder")
-    if args.quick and not args.child:
-        common.check_writable(common.REPO_DIR / "docs", what="docs folder")
+    docs_dir = common.page_folder(args.docs_dir, args.results_dir)
+    if args.quick and not args.child:  # the folder generate.py will really write, checked before any model loads
+        common.check_writable(docs_dir, what="docs folder (--docs-dir)")
     if "humaneval" in args.phases.split(",") and not args.child:
         import sandbox  # refuse before any model loads when generated code cannot be fenced as asked
         try:
@@ -657,6 +668,9 @@ def run(argv=None) -> int:
         except sandbox.SandboxUnavailable as error:
             raise common.UserError(str(error)) from None
     use_hub = hub_reachable()
+    if not args.child:
+        refuse_missing_models(names, args.models_dir, use_hub=use_hub,
+                              named=args.models != ",".join(models.SEED_MODELS))
     if not use_hub and from_command_line:
         # Fail fast instead of retrying an unreachable hub inside transformers/datasets. Only for a real command
         # line: huggingface_hub freezes this variable at import, and a caller's process (tests) must keep its own.
@@ -679,7 +693,7 @@ def run(argv=None) -> int:
                 console.print(f"{model_name:>24} {quantize:>5}: {job_status}")
         console.print(f"run {status}; total run time {time.perf_counter() - start:.0f} s")
     if args.quick and not args.child:
-        regenerate_docs(args.results_dir, console)
+        regenerate_docs(args.results_dir, docs_dir, console)
     return {"complete": 0, "partial": 1, "failed": 2}[status]
 
 

@@ -424,8 +424,10 @@ def check_writable(folder: Path, *, need_bytes: int = 0, what: str = "output fol
 
 # ---------------------------------------------------------------------------------- command-line vocabulary
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-QUANTIZE_CHOICES = ("none", "8bit", "4bit")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+# auto: 4-bit on a CUDA GPU (a 1B model then leaves room for activations and a second model), none elsewhere
+# (bitsandbytes' CPU kernels are slower than bf16); resolved by models.load_model once the device is known.
+QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
 
 
 def _number_type(convert, name: str, ok, rule: str):
@@ -447,6 +449,8 @@ non_negative_int = _number_type(int, "a whole number", lambda v: v >= 0, "0 or m
 positive_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v > 0, "a number above 0")
 non_negative_float = _number_type(float, "a number", lambda v: math.isfinite(v) and v >= 0, "0 or more")
 probability = _number_type(float, "a number", lambda v: 0 <= v <= 1, "between 0 and 1")
+# numpy's and torch's seeds are unsigned 32-bit: a larger or negative one fails only after the model loads.
+seed_int = _number_type(int, "a whole number", lambda v: 0 <= v < 2**32, "from 0 to 4294967295")
 
 
 def comma_list(allowed: tuple | None = None, what: str = "value"):
@@ -462,23 +466,20 @@ def comma_list(allowed: tuple | None = None, what: str = "value"):
             raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; use {', '.join(allowed)}")
         return ",".join(items)
     parse.__name__ = f"comma-separated {what}s"
+    parse.allowed = allowed  # for docs/flags.py's table
     return parse
 
 
-def argument_parser(doc: str):
-    """The one parser shape: the module docstring's first paragraph as description, the rest (example commands)
-    as the epilog, kept as written, and every flag's default shown in --help."""
+def one_of(allowed: tuple, what: str):
+    """argparse type for one value among `allowed`, refused in the same words as comma_list's."""
     import argparse
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, not the whole usage block: the mistake is what the user must see
-            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-    description, _, epilog = (doc or "").strip().partition("\n\n")
-    return Parser(description=description, epilog=epilog or None, formatter_class=Formatter)
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown {what} '{text}'; use {', '.join(allowed)}")
+        return text
+    parse.__name__ = what
+    return parse
 
 
 def device_name(text: str) -> str:
@@ -489,18 +490,93 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device '{text}'; use auto, cpu, cuda, cuda:N or mps")
 
 
-def add_common_flags(parser, *, models: bool = True, results: bool = True, threads: bool = True) -> None:
-    """The flags every script spells the same way, with the same meaning."""
-    if models:
-        parser.add_argument("--models-dir", type=Path, default=MODELS_DIR,
-                            help="where downloaded and converted models live (env BILLION_LLM_MODELS_DIR)")
-    if results:
-        parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                            help="where the JSON record of this run is written (env BILLION_LLM_RESULTS_DIR)")
-    if threads:
-        parser.add_argument("--threads", type=non_negative_int, default=0,
-                            help="torch CPU threads; 0 = automatic: the physical cores other processes leave "
-                                 "idle (on a busy machine 1 thread can be several times faster than 2)")
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity: a container or taskset may allow fewer than exist)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_count(text: str) -> int:
+    """argparse type for --threads: 0 or more; above the usable cores is allowed but warned about, once per run
+    (the environment variable carries "said" into the child processes of a multi-model run)."""
+    value = non_negative_int(text)
+    cores = usable_cores()
+    if value > cores and not os.environ.get("BILLION_LLM_THREADS_WARNED"):
+        os.environ["BILLION_LLM_THREADS_WARNED"] = "1"
+        print(f"warning: --threads {value} is more than the {cores} CPU core(s) here; the extra threads wait for "
+              "each other at every step, which can make the run several times slower.", file=sys.stderr)
+    return value
+
+
+thread_count.__name__ = "a whole number"
+
+# The flags every script spells the same way: one type (so one set of accepted values), one meaning, one help
+# text. A script may choose another default (the formatter shows it); it may not change what the flag means.
+COMMON_FLAGS = {
+    "--device": {"type": device_name, "default": "auto", "metavar": "{auto,cpu,cuda,cuda:N,mps}",
+                 "help": "where models run: auto = a CUDA GPU, else Apple mps, else the CPU"},
+    "--dtype": {"type": one_of(DTYPE_CHOICES, "dtype"), "default": "auto", "metavar": "{" + ",".join(DTYPE_CHOICES) + "}",
+                "help": "weights and compute dtype: auto = bfloat16 where the device supports it, else float16 "
+                        "on a GPU"},
+    "--quantize": {"type": one_of(QUANTIZE_CHOICES, "quantization"), "default": "none",
+                   "metavar": "{" + ",".join(QUANTIZE_CHOICES) + "}",
+                   "help": "bitsandbytes weights: auto = 4bit on a CUDA GPU, none elsewhere"},
+    "--seed": {"type": seed_int, "default": 1234,
+               "help": "random seed of everything sampled or shuffled (question subsets, sampling): the same seed "
+                       "repeats a run"},
+    "--threads": {"type": thread_count, "default": 0,
+                  "help": "torch CPU threads; 0 = automatic: the physical cores other processes leave idle (on a "
+                          "busy machine 1 thread can be several times faster than 2)"},
+    "--models-dir": {"type": Path, "default": MODELS_DIR,
+                     "help": "where downloaded and converted models live (env BILLION_LLM_MODELS_DIR)"},
+    "--results-dir": {"type": Path, "default": RESULTS_DIR,
+                      "help": "where the JSON records of runs are written and read (env BILLION_LLM_RESULTS_DIR)"},
+    "--docs-dir": {"type": Path, "default": None,
+                   "help": "where the comparison page (COMPARISON.md and figures/) is written; when not given, "
+                           "docs/ beside the results folder (the repository's docs/ for the default results/), so "
+                           "a scratch results folder never overwrites the published page"},
+}
+
+
+def page_folder(docs_dir: Path | None, results_dir: Path) -> Path:
+    """The folder --docs-dir names, or its default: docs/ beside the results folder. benchmark.py --quick checks
+    and docs/generate.py writes this same folder."""
+    return Path(docs_dir).expanduser() if docs_dir else Path(results_dir).expanduser().resolve().parent / "docs"
+
+
+def add_common_flags(parser, *flags: str, defaults: dict | None = None, many: tuple = ()) -> None:
+    """Add the named COMMON_FLAGS (e.g. "--device", "--seed") to a parser. defaults: this script's own default for
+    some of them; many: flags that take a comma-separated list of their values (one run each)."""
+    defaults = defaults or {}
+    for flag in flags:
+        spec = dict(COMMON_FLAGS[flag])
+        if flag in defaults:
+            spec["default"] = defaults[flag]
+        if flag in many:
+            choices = spec.pop("metavar").strip("{}").split(",")
+            spec["type"] = comma_list(tuple(choices), spec["type"].__name__)
+            spec["help"] = "comma-separated, one run each; " + spec["help"]
+        parser.add_argument(flag, **spec)
+
+
+def argument_parser(doc: str):
+    """The one parser shape: the module docstring's first paragraph as description, the rest (example commands)
+    as the epilog, kept as written, and every flag's default shown in --help."""
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):  # no "(default: None)" or "(default: False)": they say nothing
+            if action.default is None or action.default is False or "default:" in (action.help or ""):
+                return action.help
+            return super()._get_help_string(action)
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not the whole usage block: the mistake is what the user must see
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    description, _, epilog = (doc or "").strip().partition("\n\n")
+    return Parser(description=description, epilog=epilog or None, formatter_class=Formatter)
 
 
 def deprecated_alias(parser, old: str, new: str) -> None:

@@ -508,11 +508,8 @@ def parse_args(argv=None):
     common.deprecated_alias(parser, "--max-tokens", "--max-new-tokens")
     parser.add_argument("--context-tokens", type=common.positive_int, default=None,
                         help=f"history window in tokens; None: the model's own, at most {MAX_CONTEXT_TOKENS}")
-    parser.add_argument("--device", default="auto", choices=common.DEVICE_CHOICES, help="where the model runs")
-    parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES, help="auto: bfloat16 where supported")
-    parser.add_argument("--quantize", default="none", choices=common.QUANTIZE_CHOICES, help="bitsandbytes weights")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed, so a piped session is repeatable")
-    common.add_common_flags(parser)
+    common.add_common_flags(parser, "--device", "--dtype", "--quantize", "--seed", "--threads", "--models-dir",
+                            "--results-dir", defaults={"--seed": 0})
     parser.epilog = (parser.epilog or "") + "\n\nCommands in the chat: " + ", ".join(c.split()[0] for c in COMMANDS)
     args = parser.parse_args(argv)
     if args.context_tokens is not None and args.context_tokens < 16:  # not even a template's headers fit

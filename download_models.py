@@ -616,7 +616,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="re-hash files already on disk (against the hub, or our record when offline) "
                              "and fetch again any that fail")
     parser.add_argument("--revision", default="main", type=non_empty, help="branch, tag or commit to fetch")
-    common.add_common_flags(parser, threads=False)
+    common.add_common_flags(parser, "--models-dir", "--results-dir")
     return parser.parse_args(argv)
 
 

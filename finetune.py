@@ -72,7 +72,7 @@ class Recipe:
     # Our sequences are ~80 tokens: recomputing activations (trl's default) would only cost time.
     gradient_checkpointing: bool = setting(False, bool, "recompute activations in the backward pass (saves "
                                                         "memory, costs ~30%% time)")
-    seed: int = setting(0, common.non_negative_int, "training seed")
+    seed: int = setting(0, common.seed_int, "training seed")
 
 
 DEFAULTS = Recipe()
@@ -82,7 +82,9 @@ def add_recipe_flags(parser, names=None) -> None:
     """Recipe's fields (all, or those named) as flags with Recipe's defaults, for this script and the benchmark."""
     import argparse
     for field in dataclasses.fields(Recipe):
-        if names is None or field.name in names:
+        if field.name == "seed" and (names is None or "seed" in names):  # the shared flag, Recipe's default
+            common.add_common_flags(parser, "--seed", defaults={"--seed": field.default})
+        elif names is None or field.name in names:
             kind = field.metadata["type"]
             how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
             parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default,

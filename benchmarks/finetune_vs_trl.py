@@ -188,7 +188,7 @@ def parse_args(argv=None):
     parser.add_argument("--scratch", type=Path, default=None,
                         help="keep each run's adapter and log here; when not given, a temp folder deleted after "
                              "success")
-    common.add_common_flags(parser)
+    common.add_common_flags(parser, "--threads", "--models-dir", "--results-dir")
     common.deprecated_alias(parser, "--warmup", "--warmup-steps")
     return parser.parse_args(argv)
 

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import mmlu  # noqa: E402  (torch-free at import: --help stays instant)
 import models  # noqa: E402
 
 TARGET_RATIO = 3.0  # the issue's goal: prefix-cached >= 3x plain questions/s
@@ -29,7 +30,6 @@ TARGET_RATIO = 3.0  # the issue's goal: prefix-cached >= 3x plain questions/s
 
 def time_scoring(loaded, subject, data, use_cache: bool, batch_size: int) -> tuple[list[list[float]], float]:
     """Scores of one subject's questions and the seconds they took (prefix cache included when used)."""
-    import mmlu  # the code under test; imported here so that --help stays instant
     common.sync(loaded.device)
     start = time.perf_counter()
     scores, _ = mmlu.score_mmlu_subject(loaded.model, loaded.tokenizer, subject, data["exemplars"],
@@ -41,20 +41,18 @@ def time_scoring(loaded, subject, data, use_cache: bool, batch_size: int) -> tup
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, folder, .gguf file or hub id")
-    parser.add_argument("--subjects", default="high_school_biology,world_religions,marketing",
-                        help="comma-separated MMLU subjects")
+    parser.add_argument("--subjects", type=common.comma_list(mmlu.ALL_SUBJECTS, "MMLU subject"),
+                        default="high_school_biology,world_religions,marketing", help="comma-separated MMLU subjects")
     # The prefix is paid once per subject, so a handful of questions understates the gain (real subjects have
     # 100-545 questions); 32 keeps the slow plain reference to a few minutes on a 2-core CPU.
     parser.add_argument("--limit", type=common.positive_int, default=32, help="questions per subject (seeded choice)")
     parser.add_argument("--shots", type=common.non_negative_int, default=5, help="few-shot exemplars")
     parser.add_argument("--batch-size", type=common.positive_int, default=8,
                         help="suffixes per forward pass in cached scoring")
-    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     # float32 by default: the comparison is about equal predictions, and bf16 rounding (~0.1 nat on CPU) can
     # flip a near-tie between two letters whichever way the prompt is split; pass --dtype bfloat16 to see it.
-    parser.add_argument("--dtype", choices=common.DTYPE_CHOICES, default="float32", help="weights and compute dtype")
-    common.add_common_flags(parser, results=False)
-    parser.add_argument("--seed", type=int, default=1234, help="seeds the question subset")
+    common.add_common_flags(parser, "--device", "--dtype", "--seed", "--threads", "--models-dir",
+                            defaults={"--dtype": "float32"})
     parser.add_argument("--out", type=Path, help="also write the figures as a JSON record here")
     return parser.parse_args(argv)
 

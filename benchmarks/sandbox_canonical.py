@@ -11,7 +11,6 @@ the ratio. The baseline is sandbox.py (and sandbox_launcher.py) as they were at 
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
 
 
 def load_revision(revision: str):
@@ -67,10 +68,10 @@ def run_one(module, problem: dict, timeout_sec: float):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--baseline", help="git revision whose sandbox.py is timed in the same run")
-    parser.add_argument("--limit", type=int, default=164, help="first N problems")
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds per sample")
+    parser.add_argument("--limit", type=common.positive_int, default=164, help="first N problems")
+    parser.add_argument("--timeout", type=common.positive_float, default=20.0, help="seconds per sample")
     return parser.parse_args(argv)
 
 

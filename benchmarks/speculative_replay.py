@@ -100,8 +100,8 @@ def parse_args(argv=None):
                         help="built-in prompts, alternating code and prose")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="tokens of each recorded path")
     parser.add_argument("--k-max", type=common.positive_int, default=16, help="most tokens adaptive k drafts")
-    common.add_common_flags(parser, results=False)
-    parser.set_defaults(threads=1)  # one thread: a replay on a shared 2-core machine, timings only for c and s
+    # one thread: a replay on a shared 2-core machine, timings only for c and s
+    common.add_common_flags(parser, "--threads", "--models-dir", defaults={"--threads": 1})
     return parser.parse_args(argv)
 
 

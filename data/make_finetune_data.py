@@ -11,13 +11,13 @@ the rule rather than memorise the training examples.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DATA_DIR.parent))  # common.py: the one parser shape every script has
 FIRST_NAMES = ["Maria", "James", "Aisha", "Chen", "Olga", "Pedro", "Fatima", "Liam", "Yuki", "Noah", "Sofia", "Ravi",
                "Emma", "Kwame", "Lucia", "Omar", "Hannah", "Diego", "Ingrid", "Tariq", "Grace", "Mateo", "Nadia",
                "Victor", "Elena", "Samuel", "Mei", "Jonas", "Zara", "Felix", "Priya", "Hugo"]
@@ -120,12 +120,13 @@ def to_jsonl(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=20240611)
-    parser.add_argument("--n-train", type=int, default=100)
-    parser.add_argument("--n-heldout", type=int, default=50)
-    parser.add_argument("--out-dir", type=Path, default=DATA_DIR)
+    import common
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--seed", type=common.seed_int, default=20240611,
+                        help="generator seed (the committed files come from the default)")
+    parser.add_argument("--n-train", type=common.positive_int, default=100, help="training examples")
+    parser.add_argument("--n-heldout", type=common.positive_int, default=50, help="held-out examples")
+    parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="folder for the two .jsonl files")
     parser.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
     return parser.parse_args(argv)
 

@@ -808,10 +808,10 @@ def build_page(results_dir: Path) -> tuple[str, dict, list[str]]:
 # ------------------------------------------------------------------------------------------------------ CLI
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
-    common.add_common_flags(parser, models=False, threads=False)
+    common.add_common_flags(parser, "--results-dir", "--docs-dir")
     parser.add_argument("--output", default=None,
-                        help="markdown file to write; figures go to figures/ beside it (default: docs/COMPARISON.md "
-                             "beside the results folder, so a temporary results folder never overwrites the page)")
+                        help="markdown file to write instead of --docs-dir's COMPARISON.md; figures go to figures/ "
+                             "beside it")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the page or a figure's data differs from what results/ gives")
     return parser.parse_args(argv)
@@ -846,7 +846,7 @@ def run(argv=None) -> int:
     if not results_dir.is_dir():
         raise common.UserError(f"Results folder {results_dir} does not exist; run python benchmark.py first "
                                "or pass --results-dir.")
-    output = Path(args.output) if args.output else results_dir.resolve().parent / "docs" / "COMPARISON.md"
+    output = Path(args.output) if args.output else common.page_folder(args.docs_dir, results_dir) / "COMPARISON.md"
     if output.is_dir():
         raise common.UserError(f"--output {output} is a folder; give a file path such as {output / 'COMPARISON.md'}.")
     if args.output and not output.parent.is_dir():
