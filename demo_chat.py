@@ -39,6 +39,12 @@ SETTING_LIMITS = {"temperature": ("temperature", float, 0.0, 5.0), "top_p": ("to
                   "max_new_tokens": ("max-new-tokens", int, 1, 100_000)}
 SETTING_COMMANDS = {"/temp": "temperature", "/top-p": "top_p", "/max-new-tokens": "max_new_tokens",
                     "/max-tokens": "max_new_tokens", "/system": "system"}  # /max-tokens: the old spelling
+# Multi-line messages: a terminal in bracketed-paste mode wraps pasted text in these, so a pasted block is one
+# message rather than one turn per line; typed by hand, a trailing backslash or a \"\"\" block does the same.
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+BLOCK_MARK = '"""'
+MULTILINE_HELP = ('A message of several lines: paste it (it arrives whole), end each line but the last with \\, or '
+                  'put it between two lines that are just """.')
 COMMANDS = {
     "/help": "list the commands",
     "/model [NAME|PATH]": "switch to another model (no name: the menu)",
@@ -215,7 +221,13 @@ def choose_model(ui: Terminal, models_dir: Path) -> str | None:
     """The start-up menu: a number, a name or a path; Enter takes the default model; Ctrl-D gives None."""
     from rich.table import Table
     choices = downloaded_models(models_dir)
-    table = Table("#", "model", "parameters", "status", title="Downloaded models", title_justify="left")
+    table = Table(title="Downloaded models", title_justify="left")
+    table.add_column("#", no_wrap=True)
+    # The name is what the user may type: never cut at a narrow terminal (a path folds onto more lines instead).
+    table.add_column("model", no_wrap=True, overflow="fold",
+                     min_width=max((len(name) for name, _ in choices if name in models.REGISTRY), default=5))
+    table.add_column("parameters")
+    table.add_column("status")
     for number, (name, status) in enumerate(choices, 1):
         spec = models.REGISTRY.get(name)  # None for a local folder
         table.add_row(str(number), name, count_text(spec.n_params) if spec else "?", status)
@@ -367,6 +379,7 @@ def run_command(session: Session, ui: Terminal, line: str, interactive: bool) ->
     if name == "/help":
         for usage, meaning in COMMANDS.items():
             ui.info(f"  {usage:<22} {meaning}")
+        ui.info(MULTILINE_HELP)
     elif name == "/model":
         target = arg or (choose_model(ui, session.models_dir) if interactive else None)
         if target is None:
@@ -393,22 +406,67 @@ def run_command(session: Session, ui: Terminal, line: str, interactive: bool) ->
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def terminal_lines(ui: Terminal):
-    """Lines typed at the prompt; Ctrl-C on an empty prompt only reminds how to leave; Ctrl-D leaves."""
+def terminal_reader(ui: Terminal):
+    """read(continuing) -> the next line typed at the prompt, or None when Ctrl-D leaves. Ctrl-C on an empty prompt
+    only reminds how to leave; in the middle of a multi-line message it drops that message."""
+    gnu_readline = False
     with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    while True:
+        import readline  # line editing and history for input()
+        gnu_readline = "libedit" not in (readline.__doc__ or "")
+    if not gnu_readline and ui.live:  # GNU readline turns bracketed paste on and off itself; otherwise we do
+        import atexit
+        print("\x1b[?2004h", end="", flush=True)
+        atexit.register(print, "\x1b[?2004l", end="", flush=True)
+
+    def read(continuing: bool) -> str | None:
+        while True:
+            try:
+                return ui.ask("...> " if continuing else "you> ", colour=True)
+            except KeyboardInterrupt:
+                if continuing:
+                    raise
+                ui.info("\n(Ctrl-C stops a reply; Ctrl-D or /quit leaves)")
+            except EOFError:
+                ui.out.print()
+                return None
+    return read
+
+
+def messages(read_line):
+    """The messages in a stream of lines (read_line(continuing) -> line or None at the end). A message is one
+    line, or several: a bracketed paste (the terminal wraps pasted text in ESC[200~ ... ESC[201~), lines that end
+    in a backslash (it is dropped), or a block between two lines that are just \"\"\"."""
+    while (line := read_line(False)) is not None:
         try:
-            yield ui.ask("you> ", colour=True)
+            yield gather(line.rstrip("\r\n"), read_line)
         except KeyboardInterrupt:
-            ui.info("\n(Ctrl-C stops a reply; Ctrl-D or /quit leaves)")
-        except EOFError:
-            ui.out.print()
-            return
+            continue  # Ctrl-C in the middle of a multi-line message drops it
+
+
+def gather(line: str, read_line) -> str:
+    parts, end = [line], None
+    if PASTE_START in line:
+        parts[0], end = line.replace(PASTE_START, ""), PASTE_END
+    elif line.strip() == BLOCK_MARK:
+        parts, end = [], BLOCK_MARK
+    elif line.endswith("\\"):
+        parts[0], end = line[:-1], "\\"
+    while end is not None and not (end == PASTE_END and PASTE_END in parts[-1]):
+        more = read_line(True)
+        if more is None:
+            break
+        more = more.rstrip("\r\n")
+        if end == BLOCK_MARK and more.strip() == BLOCK_MARK:
+            break
+        if end == "\\" and not more.endswith("\\"):
+            parts.append(more)
+            break
+        parts.append(more[:-1] if end == "\\" else more)
+    return "\n".join(parts).replace(PASTE_END, "")
 
 
 def chat_loop(session: Session, ui: Terminal, lines, interactive: bool) -> None:
-    """Answer lines until they run out or /quit; an error is reported and the chat goes on."""
+    """Answer messages until they run out or /quit; an error is reported and the chat goes on."""
     for line in lines:
         line = line.strip()
         if not line:
@@ -416,8 +474,13 @@ def chat_loop(session: Session, ui: Terminal, lines, interactive: bool) -> None:
         if not interactive:
             ui.info(f"you> {line}")
         try:
-            if line.split()[0].lower() not in ("/help", "/quit", "/exit") and not ready(session, ui):
+            state = "ready" if line.split()[0].lower() in ("/help", "/quit", "/exit") else ready(session, ui)
+            if state == "left":
                 return  # the user left at the menu shown after a failed background load
+            if state == "replaced":  # typed for the model that failed: not for the one picked since
+                ui.info(f"(not sent: that was typed for the model that failed to load; type it again for "
+                        f"{' and '.join(column_labels(session.chats))})")
+                continue
             if not line.startswith("/"):
                 answer(session, ui, line)
             elif not run_command(session, ui, line, interactive):
@@ -474,8 +537,10 @@ def in_background(job, after=None):
     return future
 
 
-def ready(session: Session, ui: Terminal) -> bool:
-    """Wait for the background start-up load, if any; if it failed, the menu again. False: the user left there."""
+def ready(session: Session, ui: Terminal) -> str:
+    """Wait for the background start-up load, if any; if it failed, the menu again. "ready": the model that was
+    loading answers; "replaced": another model, picked after the failure; "left": the user left at the menu."""
+    state = "ready"
     while session.pending:
         future, notes = session.pending
         error = future.exception()  # waits; Ctrl-C interrupts the wait, not the load
@@ -487,10 +552,11 @@ def ready(session: Session, ui: Terminal) -> bool:
         elif isinstance(error, common.UserError):  # only a terminal loads in the background: offer the menu
             ui.error(str(error))
             if not start_models(session, ui, None, interactive=True):
-                return False
+                return "left"
+            state = "replaced"
         else:
             raise error
-    return True
+    return state
 
 
 def parse_args(argv=None):
@@ -499,7 +565,7 @@ def parse_args(argv=None):
     which.add_argument("--model", help="registry name, model folder or .gguf file; None: the menu in a terminal, "
                                        f"else {models.DEFAULT_MODEL}")
     which.add_argument("--compare", nargs=2, metavar=("A", "B"), help="answer each prompt with two models side by side")
-    parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--prompt", help="answer this one prompt and exit (it may hold newlines)")
     parser.add_argument("--system", default="", help="system prompt; empty: the template's own")
     parser.add_argument("--temperature", type=common.non_negative_float, default=0.7,
                         help=f"sampling temperature, 0 = greedy (at most {SETTING_LIMITS['temperature'][3]:g})")
@@ -510,8 +576,11 @@ def parse_args(argv=None):
                         help=f"history window in tokens; None: the model's own, at most {MAX_CONTEXT_TOKENS}")
     common.add_common_flags(parser, "--device", "--dtype", "--quantize", "--seed", "--threads", "--models-dir",
                             "--results-dir", defaults={"--seed": 0})
-    parser.epilog = (parser.epilog or "") + "\n\nCommands in the chat: " + ", ".join(c.split()[0] for c in COMMANDS)
+    parser.epilog = (parser.epilog or "") + "\n\nCommands in the chat: " + ", ".join(c.split()[0] for c in COMMANDS) \
+        + ".\n" + MULTILINE_HELP
     args = parser.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():  # nothing to answer: say so before any model loads
+        parser.error("argument --prompt: the prompt is empty; give the text to answer")
     if args.context_tokens is not None and args.context_tokens < 16:  # not even a template's headers fit
         parser.error("argument --context-tokens: must be at least 16")
     return args
@@ -536,13 +605,13 @@ def run(argv=None) -> int:
     if not start_models(session, ui, args.compare or ([args.model] if args.model else None), interactive):
         return 0
     if args.prompt is not None:
-        lines = [args.prompt]
+        lines = [args.prompt]  # as given: a one-shot prompt may hold newlines already
     elif interactive:
         ui.info("Type a message (the model loads meanwhile), or /help for the commands. Ctrl-C stops a reply, "
                 "Ctrl-D or /quit leaves.")
-        lines = terminal_lines(ui)
+        lines = messages(terminal_reader(ui))
     else:
-        lines = sys.stdin
+        lines = messages(lambda continuing: sys.stdin.readline() or None)
     chat_loop(session, ui, lines, interactive)
     if session.n_errors and not interactive:
         ui.info(f"{session.n_errors} input line(s) failed (see the errors above).")

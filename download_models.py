@@ -532,6 +532,9 @@ def download_model(plan: ModelPlan, folder: Path, reporter: Reporter, verify: bo
 
 
 # ---------------------------------------------------------------------------------------------- output
+NARROW_COLUMNS = 100  # below this the --list table keeps only the model and its state
+
+
 def list_models(targets: list[Target], models_dir: Path, revision: str, console) -> None:
     """The --list table: sizes and gated status from the hub when it answers, else from the registry."""
     from huggingface_hub import HfApi, constants
@@ -541,8 +544,12 @@ def list_models(targets: list[Target], models_dir: Path, revision: str, console)
     api = HfApi(endpoint=hub.endpoint())
     offline_reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else None
     table = Table(box=box.SIMPLE_HEAD if console.is_terminal else box.ASCII2)
-    for column in ("model", "role", "hub id", "gated", "weights", "size from", "on disk"):
-        table.add_column(column, justify="right" if column == "weights" else "left", no_wrap=column != "role")
+    # The model name is what the user types next: never cut. A narrow terminal gets the columns that fit it.
+    table.add_column("model", no_wrap=True, min_width=max((len(t.name) for t in targets), default=5))
+    narrow = console.width < NARROW_COLUMNS
+    shown = ("on disk",) if narrow else ("role", "hub id", "gated", "weights", "size from", "on disk")
+    for column in shown:
+        table.add_column(column, justify="right" if column == "weights" else "left")
     for target in targets:
         spec = target.spec
         size = spec.hub_weight_bytes if spec else None
@@ -560,9 +567,12 @@ def list_models(targets: list[Target], models_dir: Path, revision: str, console)
         state = disk_state(models_dir / target.name)
         if state == "not downloaded" and spec:
             state = models.DISK_STATES[models.model_on_disk(target.name, models_dir)[1]]
-        table.add_row(target.name, models.role_text(spec) if spec else "-", target.hub_id, gated,
-                      common.human_bytes(size), source, state)
+        cells = {"role": models.role_text(spec) if spec else "-", "hub id": target.hub_id, "gated": gated,
+                 "weights": common.human_bytes(size), "size from": source, "on disk": state}
+        table.add_row(target.name, *[cells[column] for column in shown])
     console.print(table)
+    if narrow:
+        console.print(f"(a terminal of {NARROW_COLUMNS}+ columns also shows role, hub id, gated status and size)")
     console.print(f"Model folders: {models_dir}/<model>. 'registry' sizes and gated status are the registry's "
                   "figures, not verified online" + (f" ({offline_reason})." if offline_reason else "."))
 
