@@ -533,10 +533,10 @@ def print_summary(console, record: dict, path: Path) -> None:
     if record.get("speed"):
         s = record["speed"]
         table.add_row(f"prefill pp{s['prefill']['n_tokens']} tok/s",
-                      f"{s['prefill']['tok_per_sec_mean']:.1f} +- {s['prefill']['tok_per_sec_stddev']:.1f}")
+                      common.plus_minus(s['prefill']['tok_per_sec_mean'], s['prefill']['tok_per_sec_stddev']))
         table.add_row(f"decode tg{s['decode']['n_tokens']} tok/s",
-                      f"{s['decode']['tok_per_sec_mean']:.1f} +- {s['decode']['tok_per_sec_stddev']:.1f}")
-        table.add_row("TTFT s", f"{s['ttft_sec_mean']:.3f} +- {s['ttft_sec_stddev']:.3f}")
+                      common.plus_minus(s['decode']['tok_per_sec_mean'], s['decode']['tok_per_sec_stddev']))
+        table.add_row("TTFT s", common.plus_minus(s['ttft_sec_mean'], s['ttft_sec_stddev'], digits=3))
     mem = record["memory"]
     table.add_row("peak RSS / weights", f"{common.human_bytes(mem['peak_rss_bytes'])} / "
                                         f"{common.human_bytes(mem['weight_bytes'])}")

@@ -105,9 +105,18 @@ def macro_block(blocks: list[dict]) -> dict:
 
 
 def mean_stddev(samples: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; one sample has no spread to measure: nan (null in a record), never a
+    0.0 that would read as "no noise"."""
     if not samples:
         return float("nan"), float("nan")
-    return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else 0.0
+    return statistics.fmean(samples), statistics.stdev(samples) if len(samples) > 1 else float("nan")
+
+
+def plus_minus(mean: float, spread: float | None, digits: int = 1) -> str:
+    """'12.3 +- 0.4', or '12.3' alone when there is no spread to show (a single sample)."""
+    if spread is None or not math.isfinite(spread):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} +- {spread:.{digits}f}"
 
 
 def sync(device: str) -> None:

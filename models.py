@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -422,12 +423,16 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=pri
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")  # per process: two scripts may convert at once
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        # dequantize=True: unpack every weight now (we save plain tensors), so transformers neither keeps them
-        # packed nor hints at a float32 load, which would mean nothing to a user here.
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                      dtype=getattr(torch, dtype),
-                                                      quantization_config=GgufConfig(dequantize=True))
+        # transformers' GGUF reader draws a plain tqdm bar ("Converting and de-quantizing GGUF tensors") that no
+        # logging switch reaches and that fills a log with carriage returns; our line above says what is happening.
+        # An error still raises; only the bar's text goes.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            # dequantize=True: unpack every weight now (we save plain tensors), so transformers neither keeps them
+            # packed nor hints at a float32 load, which would mean nothing to a user here.
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                          dtype=getattr(torch, dtype),
+                                                          quantization_config=GgufConfig(dequantize=True))
     except (ValueError, OSError, IndexError, KeyError, RuntimeError) as error:
         raise UserError(damaged_file_message(gguf_path, "could not be read as a GGUF model", error, fix)) from None
     # transformers marks a GGUF-loaded model as "quantized" and refuses to save it; the tensors are already

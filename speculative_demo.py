@@ -239,7 +239,7 @@ def summarise(samples: list, vs_target: dict) -> dict:
     n_steps, n_proposed = total("n_steps"), total("n_proposed")
     rejections = [s["n_rejections"] for s in samples if s["n_rejections"] is not None]
     return {"tok_per_sec_mean": statistics.fmean(tok_per_sec), "tok_per_sec_median": statistics.median(tok_per_sec),
-            "tok_per_sec_stddev": statistics.stdev(tok_per_sec) if len(tok_per_sec) > 1 else 0.0,
+            "tok_per_sec_stddev": common.mean_stddev(tok_per_sec)[1],  # nan (null) for a single run
             "tok_per_sec_samples": tok_per_sec, "n_runs": len(samples),
             "speedup": vs_target["vs_target"], "speedup_by_prompt": vs_target["vs_target_by_prompt"],
             "alpha_by_prompt": alpha_by_prompt,

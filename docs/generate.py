@@ -720,7 +720,9 @@ def p_text(p: float) -> str:
 def mean_sd(block) -> str:
     block = obj(block)
     mean, sd = block.get("tok_per_sec_mean"), block.get("tok_per_sec_stddev")
-    return f"{fmt(mean)} ± {fmt(sd)}" if is_num(mean) and is_num(sd) else fmt(mean)
+    # one repetition has no spread: older records wrote 0.0 for it, which is no measurement of noise
+    single = len(block.get("tok_per_sec_samples") or []) < 2
+    return f"{fmt(mean)} ± {fmt(sd)}" if is_num(mean) and is_num(sd) and not single else fmt(mean)
 
 
 def harness_differences(r: Record, p: dict) -> str:

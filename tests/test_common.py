@@ -126,3 +126,33 @@ def test_environment_block_names_versions_and_hardware():
     assert env["n_cpu"] >= 1 and env["cpu"] and env["ram_total_bytes"] > 0
 
 
+
+
+def test_a_single_sample_has_no_spread_to_show():
+    """One repetition: the stddev is unknown (null in a record), and the table shows the mean without "+- 0.0"."""
+    mean, spread = common.mean_stddev([12.0])
+    assert mean == 12.0 and spread != spread  # nan
+    assert common.plus_minus(mean, spread) == "12.0" and common.plus_minus(12.0, None) == "12.0"
+    assert common.plus_minus(*common.mean_stddev([10.0, 14.0])) == "12.0 +- 2.8"
+
+
+def test_gguf_conversion_log_has_no_progress_bar(smollm2, tmp_path):
+    """Converting a GGUF writes our one line, not transformers' tqdm bar with its carriage returns (a log of a
+    conversion was full of them)."""
+    import os
+    import subprocess
+    import sys
+    spec = models.REGISTRY["smollm2-135m"]
+    package, version, _, _ = spec.gguf_wheel
+    gguf = common.MODELS_DIR / ".wheels" / f"{package}-{version}" / spec.gguf_file
+    if not gguf.is_file():
+        pytest.skip(f"no cached {spec.gguf_file}")
+    code = (f"from pathlib import Path; import models\n"
+            f"models.convert_gguf(Path({str(gguf)!r}), Path({str(tmp_path / 'out')!r}), 'float32')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=common.REPO_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-2000:]
+    assert "Converting SmolLM2-135M-Instruct.Q4_1.gguf" in log
+    assert "\r" not in log and "de-quantizing" not in log, log[-500:]
+    assert (tmp_path / "out" / "config.json").is_file()
