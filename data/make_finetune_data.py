@@ -122,8 +122,7 @@ def to_jsonl(rows: list[dict]) -> str:
 def parse_args(argv=None):
     import common
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--seed", type=common.seed_int, default=20240611,
-                        help="generator seed (the committed files come from the default)")
+    common.add_common_flags(parser, "--seed", defaults={"--seed": 20240611})  # the committed files' seed
     parser.add_argument("--n-train", type=common.positive_int, default=100, help="training examples")
     parser.add_argument("--n-heldout", type=common.positive_int, default=50, help="held-out examples")
     parser.add_argument("--out-dir", type=Path, default=DATA_DIR, help="folder for the two .jsonl files")

@@ -5,6 +5,7 @@ answers); the pseudo-terminal test makes the pty the child's controlling termina
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import termios
 import time
+import types
 from pathlib import Path
 
 
@@ -293,3 +295,97 @@ def test_kv_cache_reuse_matches_a_fresh_prefill(tiny_models):
     n_cached, cached, fresh = next_logits(diverged)
     assert half <= n_cached < len(probe)
     assert side.cache.get_seq_length() == len(diverged) and torch.allclose(cached, fresh, atol=1e-4)
+
+
+def test_multi_line_messages_from_a_pipe(tiny_models, results_dir):
+    """A trailing backslash and a \"\"\" block each make one message of several lines: one reply, not one per line."""
+    lines = ["first line\\", "second line", '"""', "block one", "", "block two", '"""', "single", "/save"]
+    done = run_chat(["--model", str(tiny_models["llama"]), "--max-new-tokens", "3"], stdin="\n".join(lines) + "\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("TTFT ") == 3
+    [record] = saved_records(results_dir)
+    users = [entry["content"] for entry in record["transcript"] if entry["role"] == "user"]
+    assert users == ["first line\nsecond line", "block one\n\nblock two", "single"]
+
+
+def test_bracketed_paste_in_a_terminal_is_one_message(tiny_models, results_dir):
+    """Pasted lines arrive wrapped in ESC[200~ ... ESC[201~: the chat answers them once, as one message."""
+    env = {**os.environ, **THREADS_ENV, "TERM": "xterm-256color", "BILLION_LLM_RESULTS_DIR": str(results_dir)}
+    chat = PtySession(["--model", str(tiny_models["llama"]), "--max-new-tokens", "3"], env)
+    try:
+        chat.expect(r"you> ")
+        chat.read(0.5)
+        chat.send("\x1b[200~pasted one\rpasted two\x1b[201~\r")
+        chat.expect(r"TTFT ")
+        chat.expect(r"you> ", start=len(chat.screen()) - 5)
+        chat.send("/save\r")
+        chat.expect(r"Saved ")
+        chat.read(0.5)
+        chat.send("\x04")
+        assert chat.process.wait(30) == 0
+    finally:
+        chat.close()
+    [record] = saved_records(results_dir)
+    users = [entry["content"] for entry in record["transcript"] if entry["role"] == "user"]
+    assert users == ["pasted one\npasted two"]
+
+
+def test_help_command_says_how_to_send_several_lines(tiny_models):
+    done = run_chat(["--model", str(tiny_models["llama"])], stdin="/help\n")
+    assert done.returncode == 0 and "end each line but the last with \\" in done.stderr
+
+
+def test_comparing_a_model_with_itself_names_no_winner():
+    import chat
+    a = chat.ReplyStats("llama", ttft_sec=0.1, generate_sec=1.1, n_decode_steps=10)
+    b = chat.ReplyStats("llama", ttft_sec=0.2, generate_sec=1.2, n_decode_steps=10)
+    text = chat.speed_summary(a, b, same_tokenizer=True)
+    assert "faster" not in text and text.startswith("Both columns are llama: 10.0 vs 10.0 tok/s")
+    other = chat.speed_summary(a, dataclasses.replace(b, model="gpt_neox", generate_sec=2.2), same_tokenizer=True)
+    assert other.startswith("llama was faster: 2.00x the tokens/sec of gpt_neox")
+
+
+def test_menu_never_cuts_a_model_name_at_40_columns(tiny_models, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import demo_chat
+    shutil.copytree(tiny_models["llama"], tmp_path / "stablelm-2-12b-chat")  # the longest registry name
+    ui = demo_chat.Terminal(batch=True)
+    ui.out = Console(width=40, file=io.StringIO(), highlight=False)
+    monkeypatch.setattr(ui, "ask", lambda prompt, colour=False: "1")
+    assert demo_chat.choose_model(ui, tmp_path) == "stablelm-2-12b-chat"
+    shown = ui.out.file.getvalue()
+    assert re.search(r"│ 1 │ stablelm-2-12b-chat │", shown), shown
+
+
+def test_a_line_typed_during_a_failed_load_is_not_sent_to_the_next_model(monkeypatch):
+    """In a terminal the model loads while the user types; when that load fails and the user picks another model
+    at the menu, the line typed for the first one is not answered by the second."""
+    from concurrent.futures import Future
+
+    import common
+    import demo_chat
+    failed, loaded = Future(), Future()
+    failed.set_exception(common.UserError("broken-model failed to load."))
+    loaded.set_result(["the-second-model"])
+    ui = demo_chat.Terminal(batch=True)
+    session = demo_chat.Session(demo_chat.Settings("", 0.0, 1.0, 4), device="cpu", dtype="float32", quantize="none",
+                                context_tokens=None, models_dir=Path("."), results_dir=Path("."), threads=1, seed=0)
+    session.pending = (failed, [])
+    answered, notes = [], []
+
+    def pick_again(session, ui, names, interactive):
+        session.pending = (loaded, [])
+        return True
+    monkeypatch.setattr(demo_chat, "start_models", pick_again)
+    monkeypatch.setattr(demo_chat.Session, "use", lambda self, chats: setattr(self, "sides", [
+        types.SimpleNamespace(chat=chat) for chat in chats]))
+    monkeypatch.setattr(demo_chat, "column_labels", lambda chats: chats)
+    monkeypatch.setattr(demo_chat, "answer", lambda session, ui, text: answered.append((session.chats, text)))
+    monkeypatch.setattr(ui, "info", notes.append)
+    monkeypatch.setattr(ui, "error", notes.append)
+    demo_chat.chat_loop(session, ui, ["typed while loading", "typed after the menu"], interactive=True)
+    assert answered == [(["the-second-model"], "typed after the menu")]
+    assert any("not sent" in note and "the-second-model" in note for note in notes), notes

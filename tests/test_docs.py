@@ -481,14 +481,6 @@ def test_missing_results_folder_is_one_clear_sentence(tmp_path, capsys):
     assert err.startswith("error: Results folder") and "\n" not in err
 
 
-def test_help_is_instant_and_imports_neither_torch_nor_matplotlib():
-    code = ("import sys; sys.path.insert(0, 'docs'); import generate\n"
-            "try:\n    generate.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'matplotlib', 'jinja2') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.strip().endswith("[]") and "--check" in result.stdout
-
-
 def test_empty_results_still_give_a_page_with_published_figures(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()

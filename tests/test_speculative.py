@@ -3,8 +3,6 @@ rolled back to the accepted prefix, the sampling rule keeps the target's distrib
 or aligned; the demo's flags refused up front and its one record."""
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -383,25 +381,6 @@ def test_replay_prices_drafting_rules_on_a_recorded_path():
     useless = {"tokens": list(range(81)), "guesses": [-1] * 81, "confidences": [0.9] * 81}
     assert replay(useless, 0.25, 0.05, {"cap": 4}) < 0.5  # 4 wasted drafts per token
     assert 0.85 < replay(useless, 0.25, 0.05, spec.AdaptiveK(k_max=16)) <= 1.0  # falls back to the target alone
-
-
-BAD_VALUES = [["--max-new-tokens", "-5"], ["--repeats", "0"], ["--threads", "-1"], ["--dtype", "bogus"],
-              ["--device", "gpu"], ["--k", "0"], ["--k-max", "-1"], ["--k-sweep", "2,0"], ["--n-prompts", "9"],
-              ["--methods", "ours"], ["--methods", "target_only,bogus"], ["--temperature", "-1"],
-              ["--target-quantize", "2bit"], ["--seed", "x"]]
-
-
-def test_bad_values_exit_2_with_one_error_line_before_torch_loads():
-    code = ("import sys, speculative_demo as sd\n"
-            f"for argv in {BAD_VALUES!r}:\n"
-            "    try:\n        sd.parse_args(argv)\n    except SystemExit as e:\n        assert e.code == 2, argv\n"
-            "    else:\n        raise AssertionError(argv)\n"
-            "assert 'torch' not in sys.modules, 'torch imported before the flags were checked'\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == len(BAD_VALUES) and "Traceback" not in result.stderr
-    assert "--max-new-tokens: '-5' must be at least 1" in result.stderr and "'gpu'" in result.stderr
 
 
 def test_unwritable_results_folder_is_refused_before_loading(tmp_path, capsys):
