@@ -25,7 +25,6 @@ import importlib
 import re
 import sys
 import threading
-import time
 from pathlib import Path
 
 import common
