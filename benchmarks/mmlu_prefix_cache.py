@@ -41,7 +41,8 @@ def time_scoring(loaded, subject, data, use_cache: bool, batch_size: int) -> tup
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, folder, .gguf file or hub id")
-    parser.add_argument("--subjects", type=common.comma_list(mmlu.ALL_SUBJECTS, "MMLU subject"),
+    parser.add_argument("--subjects", type=common.comma_list(mmlu.ALL_SUBJECTS, "MMLU subject",
+                                                             listed_by=mmlu.LIST_SUBJECTS),
                         default="high_school_biology,world_religions,marketing", help="comma-separated MMLU subjects")
     # The prefix is paid once per subject, so a handful of questions understates the gain (real subjects have
     # 100-545 questions); 32 keeps the slow plain reference to a few minutes on a 2-core CPU.

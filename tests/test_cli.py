@@ -57,7 +57,8 @@ def test_help_is_instant_and_shows_each_default_once(script):
         block = by_flag[action.option_strings[0]]
         assert action.help and len(block) > len(action.option_strings[0]) + 8, f"{action.option_strings} has no help"
         assert block.count("(default:") <= 1, f"{script} {action.option_strings[0]} shows its default twice: {block}"
-        if action.default is not None and action.default is not False and action.nargs != 0:  # a value flag says what it falls back to
+        # a value flag says what it falls back to
+        if action.default is not None and action.default is not False and action.nargs != 0:
             assert "(default:" in block, f"{script} {action.option_strings[0]} hides its default: {block}"
         else:
             assert "(default: None)" not in block and "(default: False)" not in block
