@@ -579,7 +579,8 @@ def parse_args(argv=None):
     parser.add_argument("--mmlu-no-cache", action="store_true",
                         help="plain full-prompt scoring, the slow reference (--mmlu-batch-size 1: lm-eval's batch 1)")
     parser.add_argument("--humaneval-limit", type=common.non_negative_int, default=20,
-                        help="problems, seeded choice (0 or 164: all); the default takes a few minutes with smollm2 on CPU")
+                        help="problems, seeded choice (0 or 164: all); the default takes a few minutes with "
+                             "smollm2 on CPU")
     parser.add_argument("--humaneval-samples", type=common.positive_int, default=1,
                         help="samples per problem: 1 = greedy pass@1; n > 1 = sampling, unbiased pass@k")
     parser.add_argument("--humaneval-max-new-tokens", type=common.positive_int, default=384,
