@@ -251,7 +251,10 @@ def utc_stamp() -> str:
 
 
 def result_record(kind: str, config: dict, environment_block: dict, **fields) -> dict:
-    """The common envelope of every results/*.json, at its kind's current version (records.SCHEMAS)."""
+    """The common envelope of every results/*.json, at its kind's current version (records.SCHEMAS). The
+    config's paths (results_dir, models_dir, ...) are stored portable (records.portable_path)."""
+    config = {k: records.portable_path(v) if k in records.PATH_KEYS and v is not None else v
+              for k, v in config.items()}
     return {"schema_version": records.VERSIONS.get(kind), "kind": kind,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "status": fields.pop("status", "complete"), "config": config, "environment": environment_block,

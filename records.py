@@ -94,7 +94,8 @@ _HUMANEVAL = {"n_problems": int, "n_samples_per_problem": int, "pass_at_1?": NUM
               "ci95_low?": NUMBER, "ci95_high?": NUMBER, "n_passed": int, "max_new_tokens": int,
               "problem_ids?": [str], "timeout_sec?": NUMBER, "prompt_format?": frozenset({"plain_completion"}),
               "isolation?": ISOLATION,  # null: a record from before the level was written down
-              "sandbox?": {"isolation?": ISOLATION, "interpreter?": str, "rlimits?": {"*": int}}}
+              "sandbox?": {"isolation?": ISOLATION, "layers?": {"*": bool}, "interpreter?": str,
+                           "rlimits?": {"*": int}}}
 _RATE = {"n_tokens": int, "tok_per_sec_mean?": NUMBER, "tok_per_sec_stddev?": NUMBER, "tok_per_sec_median?": NUMBER,
          "tok_per_sec_samples": [NUMBER]}
 _SPEED = {"prefill": _RATE, "decode": _RATE, "ttft_sec_mean?": NUMBER, "ttft_sec_stddev?": NUMBER,
@@ -226,7 +227,18 @@ def record_error(record) -> str | None:
     version, body = SCHEMAS[record["kind"]]
     if record.get("schema_version") != version or isinstance(record.get("schema_version"), bool):
         return f"$.schema_version: {record.get('schema_version')!r} is not {record['kind']}'s current {version}"
-    return schema_error(record, {**_ENVELOPE, **body}, "$") or _counts_error(record)
+    return schema_error(record, {**_ENVELOPE, **body}, "$") or _counts_error(record) or _absolute_path(record, "$")
+
+
+def _absolute_path(value, path: str, key: str = "") -> str | None:
+    """A record shared with others must not show the layout of the writer's disk: store portable_path(...)."""
+    if isinstance(value, dict):
+        return next((e for k, v in value.items() if (e := _absolute_path(v, f"{path}.{k}", k))), None)
+    if isinstance(value, list):
+        return next((e for i, v in enumerate(value) if (e := _absolute_path(v, f"{path}[{i}]", key))), None)
+    if key in PATH_KEYS and isinstance(value, str) and Path(value).is_absolute():
+        return f"{path}: {value!r} is an absolute path (store records.portable_path of it)"
+    return None
 
 
 def validate(record: dict) -> dict:
@@ -280,6 +292,8 @@ def _benchmark_v1(record: dict) -> None:
         human["isolation"] = sandbox["isolation"] = level
         for key in ("user", "verdict", "notes", "not_isolated"):
             sandbox.pop(key, None)
+        if isinstance(sandbox.get("layers"), dict):  # {"seccomp": "active" | "missing: <why>"}: which hold
+            sandbox["layers"] = {name: state == "active" for name, state in sandbox["layers"].items()}
     if speed := record.get("speed"):
         speed["decode"].pop("context", None)
         speed.pop("ttft_definition", None)
