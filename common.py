@@ -272,6 +272,21 @@ def write_result(record: dict, results_dir: Path | None = None, name: str | None
     return write_json_atomic(results_dir / name, record)
 
 
+def migrate_results(folder) -> list[Path]:
+    """Rewrite every older record in `folder` in its kind's current shape (records.upgrade), atomically; returns the
+    files rewritten. The one-off for committed results, and for a user's own; a record that does not load is left."""
+    rewritten = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):  # not a record: the page names it, this leaves it
+            continue
+        if records.load(data)[1] is None and records.upgrade(data) is not data:
+            write_json_atomic(path, records.upgrade(data))
+            rewritten.append(path)
+    return rewritten
+
+
 def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in ".-_" else "-" for c in text).strip("-") or "x"
 

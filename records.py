@@ -17,7 +17,7 @@ The schema is plain data (standard library only):
   Maybe(spec)          spec or null (a list item that may be missing, such as alpha on a prompt with no drafts)
   frozenset({...})     one of these identifiers
 
-    python -c "import records; records.migrate_folder('results')"    # rewrite older records in the current shape
+    python -c "import common; common.migrate_results('results')"    # rewrite older records in the current shape
 """
 from __future__ import annotations
 
@@ -360,17 +360,3 @@ def load(data) -> tuple[dict | None, str | None]:
     if error := record_error(record):
         return None, f"schema: {error}"
     return _filled(record, {**_ENVELOPE, **SCHEMAS[kind][1]}), None
-
-
-def migrate_folder(folder) -> list[Path]:
-    """Rewrite every older record in `folder` in its current shape (the one-off for committed results); returns
-    the files it rewrote. A record that does not load is left alone."""
-    from common import write_json_atomic  # common imports this module: write through its one atomic writer
-    rewritten = []
-    for path in sorted(Path(folder).glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and _known(data.get("kind")) and data.get("schema_version") != \
-                VERSIONS[data["kind"]] and load(data)[1] is None:
-            write_json_atomic(path, upgrade(data))
-            rewritten.append(path)
-    return rewritten

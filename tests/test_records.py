@@ -180,12 +180,13 @@ def test_version_1_finetune_and_speculative_benchmark_load():
     assert (bench["temperature"], bench["k"], bench["repeats"], bench["ours_method"]) == (0.0, 5, 3, "ours_adaptive")
 
 
-def test_migrate_folder_rewrites_older_records_once_and_leaves_others_alone(tmp_path):
+def test_migrate_results_rewrites_older_records_once_and_leaves_others_alone(tmp_path):
     for path in V1.glob("*.json"):
         (tmp_path / path.name).write_text(path.read_text())
     (tmp_path / "foreign.json").write_text('{"hello": "world"}')
-    assert sorted(p.name for p in records.migrate_folder(tmp_path)) == sorted(p.name for p in V1.glob("*.json"))
-    assert records.migrate_folder(tmp_path) == []
+    (tmp_path / "broken.json").write_text("{not json")
+    assert sorted(p.name for p in common.migrate_results(tmp_path)) == sorted(p.name for p in V1.glob("*.json"))
+    assert common.migrate_results(tmp_path) == []
     assert json.loads((tmp_path / "foreign.json").read_text()) == {"hello": "world"}
     for path in V1.glob("*.json"):
         assert json.loads((tmp_path / path.name).read_text()) == current(path.stem)
@@ -197,7 +198,7 @@ def test_committed_records_are_current_and_sound():
     for path in committed():
         data = json.loads(path.read_text())
         assert records.record_error(data) is None, path.name
-        assert data["schema_version"] == records.VERSIONS[data["kind"]], f"{path.name}: run records.migrate_folder"
+        assert data["schema_version"] == records.VERSIONS[data["kind"]], f"{path.name}: run common.migrate_results"
 
 
 def test_committed_records_hold_no_absolute_path_and_no_prose():
