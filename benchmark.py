@@ -372,7 +372,7 @@ def find_resumable(results_dir: Path, config: dict) -> tuple[Path | None, str | 
         except (OSError, json.JSONDecodeError):
             continue
         old = record.get("config", {}) if isinstance(record, dict) else {}
-        if record.get("kind") != "benchmark" or old.get("model") != config["model"] or \
+        if record.get("kind") != "benchmark" or old.get("model") != records.portable_path(config["model"]) or \
                 old.get("quantize") != config["quantize"]:
             continue
         created = record.get("created_at", "")

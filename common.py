@@ -1,6 +1,7 @@
 """Shared pieces of the billion-llm scripts that are not about one model: paths and errors, statistics, memory
 and environment readings, the one atomic JSON writer (records are validated by records.py first), the
-command-line vocabulary every script speaks, and the terminal. Models (registry, loading, decoding) live in models.py, which imports this.
+command-line vocabulary every script speaks, and the terminal. Models (registry, loading, decoding) live in
+models.py, which imports this.
 
 Only what two or more scripts need lives here; each script stays readable on its own. Heavy imports
 (torch, transformers) happen inside functions so that every script's `--help` is instant.
@@ -253,7 +254,7 @@ def utc_stamp() -> str:
 def result_record(kind: str, config: dict, environment_block: dict, **fields) -> dict:
     """The common envelope of every results/*.json, at its kind's current version (records.SCHEMAS). The
     config's paths (results_dir, models_dir, ...) are stored portable (records.portable_path)."""
-    config = {k: records.portable_path(v) if k in records.PATH_KEYS and v is not None else v
+    config = {k: records.portable_path(v) if k in records.PATH_KEYS and isinstance(v, (str, Path)) else v
               for k, v in config.items()}
     return {"schema_version": records.VERSIONS.get(kind), "kind": kind,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

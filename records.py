@@ -35,10 +35,12 @@ class Maybe:
 
 
 # ---------------------------------------------------------------------------------------------- paths
-# Keys whose values are paths: upgrade() makes them portable in older records, and the tests check that no record
-# under results/ holds an absolute path anywhere.
+# Keys whose string values are (or may be) paths: a config's "model", "draft" and "target" may name a local folder.
+# result_record stores the config's portably, upgrade() makes older records' portable, and record_error refuses an
+# absolute one anywhere in a record.
 PATH_KEYS = frozenset({"source", "results_dir", "models_dir", "train_file", "heldout_file", "output_dir",
-                       "adapter_dir", "eval_adapter", "interpreter", "folder", "out", "scratch"})
+                       "adapter_dir", "eval_adapter", "interpreter", "folder", "out", "scratch", "model", "models",
+                       "draft", "target"})
 
 
 def portable_path(path) -> str | None:

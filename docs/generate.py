@@ -445,7 +445,8 @@ def oddities(bench: list[Record]) -> list[dict]:
     seen = set()
     for r in bench:
         name, loaded = r.data["model"]["name"], r.data["model"]["n_params"]
-        if spec_of(name) and loaded is not None and abs(loaded / spec_of(name).n_params - 1) > 0.05 and name not in seen:
+        if spec_of(name) and loaded is not None and abs(loaded / spec_of(name).n_params - 1) > 0.05 \
+                and name not in seen:
             seen.add(name)
             out.append({"kind": "params", "model": name, "rids": r.rid, "loaded": guidance.size_text(loaded),
                         "converted": bool(spec_of(name).gguf_sha256) and r.data["model"]["revision"] ==

@@ -97,9 +97,11 @@ def test_unknown_fields_are_kept_and_optional_ones_are_filled_in_as_null():
 def test_every_kind_has_a_version_and_result_record_uses_it():
     assert set(records.VERSIONS) == {"benchmark", "finetune", "speculative", "speculative_benchmark", "download",
                                      "chat", "mmlu_prefix_cache"}
-    envelope = common.result_record("download", {"results_dir": REPO / "results", "models_dir": "/data/models"}, {})
-    assert envelope["schema_version"] == records.VERSIONS["download"] == 2
-    assert envelope["config"] == {"results_dir": "results", "models_dir": "models"}
+    envelope = common.result_record("finetune", {"results_dir": REPO / "results", "models_dir": "/data/models",
+                                                 "model": "/home/ada/my-model", "lora_rank": 16}, {})
+    assert envelope["schema_version"] == records.VERSIONS["finetune"] == 2
+    assert envelope["config"] == {"results_dir": "results", "models_dir": "models", "model": "my-model",
+                                  "lora_rank": 16}
 
 
 def test_foreign_and_future_records_are_named_not_read():
