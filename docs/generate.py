@@ -191,11 +191,16 @@ def select(records: list[Record]) -> tuple[list[Record], list[tuple[Record, Reco
         groups.setdefault(selection_key(r), []).append(r)
     chosen, others = [], []
     for key in sorted(groups, key=str):
-        ranked = sorted(groups[key], key=lambda r: (r.data["status"] == "complete", r.data.get("ratios") is not None,
-                                                    r.data["created_at"], r.file))
+        ranked = sorted(groups[key], key=lambda r: (r.data["status"] == "complete", paired(r), r.data["created_at"],
+                                                    r.file))
         chosen.append(ranked[-1])
         others += [(r, ranked[-1]) for r in ranked[:-1]]
     return chosen, others
+
+
+def paired(r: Record) -> bool:
+    """A speculative record with interleaved-rounds ratios (null in the demo's records from before them)."""
+    return r.data["kind"] == "speculative_benchmark" or r.data["kind"] == "speculative" and r.data["ratios"] is not None
 
 
 # -------------------------------------------------------------------------------------------- statistics
