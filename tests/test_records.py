@@ -147,11 +147,20 @@ def test_version_1_benchmark_from_todays_writer_keeps_its_sandbox_level():
     old["humaneval"]["isolation"] = "namespaces+uid"
     old["humaneval"]["sandbox"] = {"isolation": "namespaces+uid", "not_isolated": ["the CPU's caches"],
                                    "notes": [], "interpreter": "/usr/bin/python3", "isolated_mode": True,
+                                   "layers": {"seccomp": "active", "keyring": "missing: no keyctl here"},
                                    "timeout_sec": 10.0, "rlimits": {"RLIMIT_CPU": 11},
                                    "verdict": "tests run in a trusted process; the sample only returns plain values"}
     new, error = records.load(old)
     assert error is None and new["humaneval"]["isolation"] == "namespaces+uid"
-    assert set(new["humaneval"]["sandbox"]) == {"isolation", "interpreter", "isolated_mode", "timeout_sec", "rlimits"}
+    assert set(new["humaneval"]["sandbox"]) == {"isolation", "layers", "interpreter", "isolated_mode", "timeout_sec",
+                                                "rlimits"}
+    assert new["humaneval"]["sandbox"]["layers"] == {"seccomp": True, "keyring": False}
+    assert new["humaneval"]["sandbox"]["interpreter"] == "python3"
+
+
+def test_the_schema_knows_the_sandbox_levels():
+    import sandbox
+    assert records.ISOLATION == set(sandbox.ISOLATION_WORDS)
 
 
 def test_both_version_1_speculative_shapes_load():
