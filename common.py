@@ -1,6 +1,7 @@
 """Shared pieces of the billion-llm scripts that are not about one model: paths and errors, statistics, memory
-and environment readings, the record schema and the one atomic JSON writer, the command-line vocabulary every
-script speaks, and the terminal. Models (registry, loading, decoding) live in models.py, which imports this.
+and environment readings, the one atomic JSON writer (records are validated by records.py first), the
+command-line vocabulary every script speaks, and the terminal. Models (registry, loading, decoding) live in
+models.py, which imports this.
 
 Only what two or more scripts need lives here; each script stays readable on its own. Heavy imports
 (torch, transformers) happen inside functions so that every script's `--help` is instant.
@@ -24,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+import records  # the record schema: standard library only, imports nothing of ours
+
 REPO_DIR = Path(__file__).resolve().parent
 MODELS_DIR = Path(os.environ.get("BILLION_LLM_MODELS_DIR", REPO_DIR / "models"))
 RESULTS_DIR = Path(os.environ.get("BILLION_LLM_RESULTS_DIR", REPO_DIR / "results"))
@@ -232,19 +234,6 @@ def set_seed(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- results
-def _finite(value):
-    """JSON has no NaN/inf: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
     path = Path(path)
@@ -264,7 +253,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_json_atomic(path: Path, data) -> Path:
     """JSON (non-finite numbers as null), written atomically; a value that cannot be serialized writes nothing."""
-    return write_text_atomic(path, json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(records.finite(data), indent=1, allow_nan=False) + "\n")
 
 
 def utc_stamp() -> str:
@@ -272,92 +261,40 @@ def utc_stamp() -> str:
 
 
 def result_record(kind: str, config: dict, environment_block: dict, **fields) -> dict:
-    """The common envelope of every results/*.json: see README's "Results schema"."""
-    return {"schema_version": SCHEMA_VERSION, "kind": kind,
+    """The common envelope of every results/*.json, at its kind's current version (records.SCHEMAS). The
+    config's paths (results_dir, models_dir, ...) are stored portable (records.portable_path)."""
+    config = {k: records.portable_path(v) if k in records.PATH_KEYS and isinstance(v, (str, Path)) else v
+              for k, v in config.items()}
+    return {"schema_version": records.VERSIONS.get(kind), "kind": kind,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "status": fields.pop("status", "complete"), "config": config, "environment": environment_block,
             **fields}
 
 
-# What each kind of record must hold. docs/generate.py reads records through this same schema, and
-# write_result checks it first, so a writer cannot emit a record the comparison page would skip. A key ending
-# in "?" must be present but may be null; "*" stands for every key (subject names, method names); NUMBER is an
-# int or a float, never a bool (Python counts True as 1).
-NUMBER = (int, float)
-_ENVELOPE = {"schema_version": int, "kind": str, "created_at": str, "status": str, "config": dict,
-             "environment": dict}
-_MODEL = {"name": str, "quantization": str, "dtype": str}
-_COUNT = {"n": int, "n_correct": int, "accuracy?": NUMBER}
-_HELDOUT = {"metric_name": str, "metric?": NUMBER}
-RECORD_SCHEMA = {
-    "benchmark": {"model": _MODEL, "mmlu?": {"micro": _COUNT, "categories": {"*": _COUNT}},
-                  "humaneval?": {"n_problems": int, "pass_at_1?": NUMBER},
-                  "speed?": {"prefill": {"tok_per_sec_mean?": NUMBER}, "decode": {"tok_per_sec_mean?": NUMBER}},
-                  "memory?": dict},
-    "finetune": {"model": _MODEL, "train": dict, "before": _HELDOUT, "after": _HELDOUT},
-    # speculative_demo.py; records from after the benchmark merge also carry `ratios` (per method:
-    # vs_target, vs_target_by_prompt, vs_assisted, vs_assisted_by_prompt) and `ours_method`.
-    "speculative": {"draft": {"name": str}, "target": {"name": str}, "methods": {"*": dict}},
-    # The retired benchmarks/speculative_vs_assisted.py: committed records stay readable.
-    "speculative_benchmark": {"draft": {"name": str}, "target": {"name": str}, "ratios": {"*": dict},
-                              "median_tok_per_sec": {"*": list}, "prompts": list},
-    "download": {}, "chat": {},
-}
-
-
-def _schema_error(value, spec, path: str) -> str | None:
-    if isinstance(spec, dict):
-        if not isinstance(value, dict):
-            return f"{path}: expected an object, got {type(value).__name__}"
-        if "*" in spec:
-            return next((e for k in sorted(value) if (e := _schema_error(value[k], spec["*"], f"{path}.{k}"))), None)
-        for key, sub in spec.items():
-            name = key.rstrip("?")
-            if name not in value:
-                return f"{path}.{name}: missing"
-            if not (value[name] is None and key.endswith("?")) and (error := _schema_error(value[name], sub,
-                                                                                            f"{path}.{name}")):
-                return error
-        return None
-    if isinstance(value, spec) and not isinstance(value, bool):
-        return None
-    return f"{path}: expected {'a number' if spec is NUMBER else spec.__name__}, got {type(value).__name__}"
-
-
-def record_error(record) -> str | None:
-    """The first way a record breaks RECORD_SCHEMA, as '$.path: problem', or None when it is sound."""
-    if not isinstance(record, dict):
-        return f"$: expected an object, got {type(record).__name__}"
-    if not isinstance(record.get("kind"), str) or record["kind"] not in RECORD_SCHEMA:
-        return f"$.kind: unknown kind {record.get('kind')!r}"
-    if error := _schema_error(record, {**_ENVELOPE, **RECORD_SCHEMA[record["kind"]]}, "$"):
-        return error
-    mmlu = record.get("mmlu") if record["kind"] == "benchmark" else None
-    blocks = [("$.mmlu.micro", mmlu["micro"])] + [(f"$.mmlu.categories.{k}", v) for k, v in
-                                                  sorted(mmlu["categories"].items())] if mmlu else []
-    for path, block in blocks:
-        if not 0 <= block["n_correct"] <= block["n"]:
-            return f"{path}: n_correct {block['n_correct']} is not between 0 and n = {block['n']}"
-    human = record.get("humaneval") if record["kind"] == "benchmark" else None
-    if human and (human["n_problems"] < 0 or not 0 <= (human["pass_at_1"] or 0) <= 1):
-        return "$.humaneval: pass_at_1 must lie in [0, 1] and n_problems must not be negative"
-    return None
-
-
-def validate_record(record: dict) -> None:
-    """Raise ValueError (a bug in the writer, not the user's mistake) for a record the page would skip."""
-    if error := record_error(_finite(record)):
-        raise ValueError(f"refusing to write a results record that breaks the schema: {error}")
-
-
 def write_result(record: dict, results_dir: Path | None = None, name: str | None = None) -> Path:
-    """results/<kind>-<label>-<stamp>.json, atomically, after validate_record. Returns the path."""
-    validate_record(record)
+    """results/<kind>-<label>-<stamp>.json, atomically, after records.validate (a record that breaks its kind's
+    schema raises ValueError before any file exists). Returns the path."""
+    record = records.validate(record)
     results_dir = Path(results_dir or RESULTS_DIR)
     if name is None:
         label = record.get("model", {}).get("name", "run") if isinstance(record.get("model"), dict) else "run"
         name = f"{record['kind']}-{safe_name(label)}-{utc_stamp()}.json"
     return write_json_atomic(results_dir / name, record)
+
+
+def migrate_results(folder) -> list[Path]:
+    """Rewrite every older record in `folder` in its kind's current shape (records.upgrade), atomically; returns the
+    files rewritten. The one-off for committed results, and for a user's own; a record that does not load is left."""
+    rewritten = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):  # not a record: the page names it, this leaves it
+            continue
+        if records.load(data)[1] is None and records.upgrade(data) is not data:
+            write_json_atomic(path, records.upgrade(data))
+            rewritten.append(path)
+    return rewritten
 
 
 def safe_name(text: str) -> str:

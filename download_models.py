@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import common
 import models
 import hub
+import records
 
 # http_get writes what it receives in chunks of this size (the library default is 10 MiB): it is the most a
 # kill can lose. 1 MiB keeps that small at the cost of ~100 writes per second at 100 MB/s.
@@ -706,7 +707,8 @@ def run(argv=None) -> int:
               "revision": args.revision, "models_dir": str(args.models_dir), "results_dir": str(args.results_dir),
               "endpoint": hub.endpoint()}
     record = common.result_record("download", config, common.environment("cpu", torch_readings=False),
-                                  status="complete" if not n_failed else "failed", models=results,
+                                  status="complete" if not n_failed else "failed",
+                                  models=[{**r, "folder": records.portable_path(r["folder"])} for r in results],
                                   n_failed=n_failed, fetched_bytes=sum(r["fetched_bytes"] for r in results),
                                   run_sec=time.perf_counter() - start)
     label = common.safe_name("+".join(t.name for t in targets))[:60]

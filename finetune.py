@@ -23,6 +23,7 @@ from pathlib import Path
 
 import common
 import models
+import records
 
 RUNS_DIR = common.REPO_DIR / "runs"
 TASK_NAME = "order-records"
@@ -634,7 +635,7 @@ def reevaluate_adapter(adapter_dir: Path, *, model: str, heldout_file: Path, dev
 def cached_before(loaded, heldout, *, heldout_sha256: str, batch_size: int, max_new_tokens: int, output_dir: Path,
                   resume: bool, console, cpu_threads) -> tuple[dict, list[str]]:
     """The base model's held-out numbers; a resumed run reuses the ones saved when training started."""
-    key = {"model": loaded.identity()["source"], "heldout_sha256": heldout_sha256,
+    key = {"model": str(loaded.resolved.source), "heldout_sha256": heldout_sha256,
            "max_new_tokens": max_new_tokens, "dtype": loaded.dtype, "quantize": loaded.quantize}
     cache = output_dir / "before.json"
     if resume and cache.is_file():
@@ -707,12 +708,14 @@ def run_finetune(*, model: str, recipe: Recipe, train_file: Path, heldout_file: 
         "before": before, "after": after, "after_answers": after_answers})
     record = common.result_record(
         "finetune", config=config, environment_block=common.environment(loaded.device), model=loaded.identity(),
-        task={"name": TASK_NAME, "system_prompt": SYSTEM_PROMPT, "train_file": str(train_file),
-              "heldout_file": str(heldout_file), "train_sha256": common.sha256_file(train_file),
+        task={"name": TASK_NAME, "system_prompt": SYSTEM_PROMPT,
+              "train_file": records.portable_path(train_file), "heldout_file": records.portable_path(heldout_file),
+              "train_sha256": common.sha256_file(train_file),
               "heldout_sha256": heldout_sha256, "n_train": len(train_rows), "n_heldout": len(heldout),
               "metric": METRIC_NAME},
         train=trained["record"], before=before, after=after,
-        samples=pick_samples(heldout, before_answers, after_answers), checks=checks, adapter_dir=str(adapter_dir),
+        samples=pick_samples(heldout, before_answers, after_answers), checks=checks,
+        adapter_dir=records.portable_path(adapter_dir),
         run_sec=time.perf_counter() - run_start,
         process_cpu_sec=time.process_time())  # CPU time of this process since it started, imports included
     return {"path": common.write_result(record, results_dir), "record": record}

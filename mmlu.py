@@ -151,13 +151,12 @@ def load_mmlu(subjects: list[str], n_shots: int, limit: int, seed: int, use_hub:
             "fewshot_ids": [q.question_id for q in exemplars],
             "question_ids": [q.question_id for q in candidates],
             "questions_sha256": hashlib.sha256("".join(q.sha1() for q in candidates).encode()).hexdigest()}
-    fewshot_source = (f"dev split, first {n_shots} per subject (lm-eval first_n sampler)" if devs is not None else
-                      f"test split: first {n_shots} questions of each subject (no dev split offline), "
-                      "excluded from scoring")
+    # dev_first_n: the dev split's first n_shots per subject (lm-eval's first_n sampler); test_first_n: no dev split
+    # offline, so the first n_shots test questions are the exemplars and are excluded from scoring.
+    fewshot_source = "dev_first_n" if devs is not None else "test_first_n"
+    # lm_eval_mmlu: the description, exemplars as '<question> <letter>\n\n', score = log-likelihood of ' A'..' D'
     return data, {"source": source, "fewshot_source": fewshot_source, "subjects": manifest_subjects,
-                  "prompt_format": "lm-eval mmlu: description, exemplars as '<question> <letter>\\n\\n', "
-                                   "score = log-likelihood of ' A'..' D'",
-                  "add_special_tokens": MMLU_ADD_SPECIAL_TOKENS}
+                  "prompt_format": "lm_eval_mmlu", "add_special_tokens": MMLU_ADD_SPECIAL_TOKENS}
 
 
 # ---------------------------------------------------------------------------------- MMLU prompts (lm-eval)

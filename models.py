@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import common
+import records
 from common import GIB, UserError
 
 # --------------------------------------------------------------------------------------------- registry
@@ -600,7 +601,8 @@ class LoadedModel:
         """The model block every results record carries."""
         revision = model_revision(Path(self.resolved.source))
         spec = self.resolved.spec
-        return {"name": self.resolved.label, "hub_id": spec.hub_id if spec else None, "source": str(self.resolved.source),
+        return {"name": self.resolved.label, "hub_id": spec.hub_id if spec else None,
+                "source": records.portable_path(self.resolved.source),
                 "revision": revision, "dtype": self.dtype, "quantization": self.quantize, "device": self.device,
                 "n_params": self.n_params, "weight_bytes": self.weight_bytes}
 

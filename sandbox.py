@@ -73,6 +73,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import records
 import sandbox_launcher
 
 MIB = 1024**2
@@ -383,16 +384,16 @@ def isolation_report(mode: str = "auto") -> dict:
 
 
 def describe(limits: SandboxLimits | None = None, mode: str = "auto") -> dict:
-    """The protections in effect, for the results record."""
+    """The protections in effect, for the results record: the level names what holds (isolation_report words it,
+    and the page), so the record keeps identifiers and numbers only."""
     chosen = isolation(mode)
     limits = limits or SandboxLimits()
-    report = isolation_report(mode)
-    return {"isolation": chosen.level, "layers": report["layers"], "not_isolated": report["not_isolated"],
-            "notes": report["notes"], "interpreter": chosen.interpreter, "isolated_mode": True,
+    # layers: which hold on this machine, as booleans; the reason one is missing is printed (isolation_report)
+    return {"isolation": chosen.level, "layers": {name: why is None for name, why in chosen.layers},
+            "interpreter": records.portable_path(chosen.interpreter), "isolated_mode": True,
             "timeout_sec": limits.timeout_sec, "rlimits": dict(limits.rlimits()), "scratch_bytes": limits.scratch_bytes,
             "memory_worst_case_bytes": limits.memory_worst_case_bytes(
-                namespaces=chosen.level.startswith("namespaces"), seccomp=chosen.seccomp is not None),
-            "verdict": "tests run in a trusted process; the sample only returns plain values over a pipe"}
+                namespaces=chosen.level.startswith("namespaces"), seccomp=chosen.seccomp is not None)}
 
 
 def scrubbed_env(workdir: str) -> dict:

@@ -215,7 +215,6 @@ def run(argv=None) -> int:
         record = rounds[-1]["ours"]["record"]
         trl = [r["trl"] for r in rounds]
         record["baseline"] = {
-            "description": "plain TRL SFTTrainer + PEFT, same data/LoRA/hyper-parameters, TRL defaults otherwise",
             "train_sec": statistics.median(t["train_sec"] for t in trl),
             "cpu_sec": statistics.median(t["cpu_sec"] for t in trl),
             "peak_rss_bytes": statistics.median(t["peak_rss_bytes"] for t in trl),

@@ -114,7 +114,7 @@ def run(argv=None) -> int:
                                       questions_per_sec={m: n_questions / seconds[m] for m in methods},
                                       same_predictions_as_plain=agree, max_abs_loglik_diff=max_diff,
                                       identical_predictions=identical, subjects=rows)
-        print(f"written: {common.write_json_atomic(Path(args.out), record)}")
+        print(f"written: {common.write_result(record, Path(args.out).parent, Path(args.out).name)}")
     return 0
 
 

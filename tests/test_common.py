@@ -5,6 +5,7 @@ import pytest
 
 import common
 import models
+import records
 
 
 def test_registry_has_the_seed_models_with_required_facts():
@@ -100,11 +101,13 @@ def test_chat_prompt_and_stop_tokens(tiny_models, smollm2):
 
 
 def test_results_are_written_atomically_with_schema(tmp_path):
-    record = common.result_record("chat", {"seed": 1}, {"device": "cpu"}, model={"name": "m/x"},
-                                  score=float("nan"), values=[1.0, float("inf")])
+    model = {"name": "m/x", "dtype": "bfloat16", "quantization": "none"}
+    environment = {"python": "3.11", "platform": "Linux", "device": "cpu", "versions": {}}
+    record = common.result_record("chat", {"seed": 1}, environment, model=model, models=[model], transcript=[],
+                                  n_replies=0, score=float("nan"), values=[1.0, float("inf")])
     path = common.write_result(record, tmp_path)
     data = json.loads(path.read_text())
-    assert data["schema_version"] == common.SCHEMA_VERSION and data["kind"] == "chat"
+    assert data["schema_version"] == records.VERSIONS["chat"] and data["kind"] == "chat"
     assert data["score"] is None and data["values"] == [1.0, None]
     assert path.name.startswith("chat-m-x-") and list(tmp_path.iterdir()) == [path]
     with pytest.raises(TypeError):  # a failing write leaves neither a partial target nor a temp file

