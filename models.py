@@ -602,7 +602,7 @@ class LoadedModel:
         revision = model_revision(Path(self.resolved.source))
         spec = self.resolved.spec
         return {"name": self.resolved.label, "hub_id": spec.hub_id if spec else None,
-                "source": records.portable_path(self.resolved.source),
+                "source": records.portable_source(self.resolved.source),
                 "revision": revision, "dtype": self.dtype, "quantization": self.quantize, "device": self.device,
                 "n_params": self.n_params, "weight_bytes": self.weight_bytes}
 

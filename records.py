@@ -58,6 +58,15 @@ def portable_path(path) -> str | None:
     return Path(text).name or "/"
 
 
+def portable_source(source) -> str | None:
+    """A model's source as a record stores it: a hub id as it is, a local folder or file by its name alone, wherever
+    it sits (inside the repo or not), so two copies of one model read the same."""
+    if source is None:
+        return None
+    text = str(source)
+    return Path(text).name if Path(text).is_absolute() or Path(text).exists() else text
+
+
 def finite(value):
     """JSON has no NaN or infinity: they become null. Paths become strings (portable ones are the writer's job)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -275,6 +284,8 @@ def _portable(value, key: str = ""):
         return {k: _portable(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_portable(v, key) for v in value]
+    if key == "source" and isinstance(value, str):
+        return portable_source(value)
     return portable_path(value) if key in PATH_KEYS and isinstance(value, str) else value
 
 
