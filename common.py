@@ -136,8 +136,11 @@ def memory_reading(device: str, peak: bool = False) -> tuple:
         import torch
         return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()), "vram_allocated"
     import resource
+    rss = this_process().memory_info().rss
+    if not peak:
+        return rss, "rss"
     most = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    return (most if peak else this_process().memory_info().rss), "rss"
+    return max(most, rss), "rss"  # the kernel's high-water mark lags the live count by a few pages
 
 
 @functools.cache
