@@ -198,7 +198,8 @@ def parse_args(argv=None):
     parser.add_argument("--target", default="qwen-coder-1.5b", help="target model: registry name, folder or .gguf")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); none = the built-in set")
     parser.add_argument("--n-prompts", type=common.positive_int, default=2, metavar=f"1..{len(sp.DEFAULT_PROMPTS)}",
-                        choices=range(1, len(sp.DEFAULT_PROMPTS) + 1), help="built-in prompts, alternating code and prose")
+                        choices=range(1, len(sp.DEFAULT_PROMPTS) + 1),
+                        help="built-in prompts, alternating code and prose")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="tokens to generate per run")
     parser.add_argument("--k", type=common.positive_int, default=5, help="draft tokens per step of ours, fixed k")
     parser.add_argument("--k-max", type=common.positive_int, default=16, help="most tokens adaptive k drafts per step")

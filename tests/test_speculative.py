@@ -1,6 +1,6 @@
-"""speculative.py, speculative_pair.py and speculative_demo.py on tiny random models: greedy output identical to the target's, caches
-rolled back to the accepted prefix, the sampling rule keeps the target's distribution, vocabulary mismatches refused
-or aligned; the demo's flags refused up front and its one record."""
+"""speculative.py, speculative_pair.py and speculative_demo.py on tiny random models: greedy output identical to the
+target's, caches rolled back to the accepted prefix, the sampling rule keeps the target's distribution, vocabulary
+mismatches refused or aligned; the demo's flags refused up front and its one record."""
 import copy
 import json
 import subprocess

@@ -39,7 +39,7 @@ def test_cache_layers_hold_keys_and_values_per_layer(model):
     layers = hf.cache_layers(cache)
     assert len(layers) == model.config.num_hidden_layers, f"cache.layers is not one entry per layer {CHECKED}"
     for keys, values in layers:
-        assert keys.shape[2] == values.shape[2] == 7, f"cache layer .keys/.values are not [batch, heads, tokens, dim]"
+        assert keys.shape[2] == values.shape[2] == 7, "cache layer .keys/.values are not [batch, heads, tokens, dim]"
 
 
 def test_a_cache_built_from_layers_continues_like_the_original(model):
