@@ -106,7 +106,8 @@ def head_logits(model, *, positions, float32: bool, cache=None, **inputs):
 
     positions: an int (the last n positions), a 1-D index tensor (the same positions in every row), or a boolean
     [batch, seq] mask (the selected positions of all rows, flattened in order). Returns [batch, n, vocab] for the
-    first two, [n_selected, vocab] for a mask. float32: run the head in fp32 (in bf16 a small model's logits,
+    first two, [n_selected, vocab] for a mask (an answer-only loss passes its label mask, shifted: position p
+    predicts token p+1). float32: run the head in fp32 (in bf16 a small model's logits,
     |x| ~ 16-32, are rounded to steps of 0.125, so near-tied answers flip on noise); else in the head's own dtype
     (or autocast's). cache: a KV cache, extended in place (use_cache is on exactly when one is given).
 
