@@ -167,10 +167,10 @@ def run_stats(method: str, generation) -> dict:
     n_steps = n_proposed = n_accepted = 0
     n_rejections = None
     if generation.steps:  # ours: counted exactly, per step
-        speculative = [s for s in generation.steps if s["k"] > 0]
-        n_steps, n_proposed = len(speculative), sum(s["k"] for s in speculative)
-        n_accepted = sum(s["n_accepted"] for s in speculative)
-        n_rejections = sum(s["n_accepted"] < s["k"] for s in speculative)
+        drafted = [s for s in generation.steps if s["k"] > 0]
+        n_steps, n_proposed = len(drafted), sum(s["k"] for s in drafted)
+        n_accepted = sum(s["n_accepted"] for s in drafted)
+        n_rejections = sum(s["n_accepted"] < s["k"] for s in drafted)
     elif method == "assisted" and n_forwards["draft"]:  # transformers: derived from forward counts (one target
         # pass per step, each draft pass proposes one candidate, each step adds exactly one target token)
         n_steps, n_proposed = n_forwards["target"], n_forwards["draft"]
@@ -256,10 +256,10 @@ def median_forward_sec(generations: list, role: str, n_tokens) -> float | None:
 def measured_costs(runs: dict, *, k: int) -> dict:
     """The cost ratio c = draft forward / 1-token target forward, and what a (k+1)-token verify pass costs,
     from the medians of every timed forward pass in this run."""
-    speculative = [g for m in ("ours", "ours_adaptive") for _, g, _ in runs.get(m, [])]
+    ours = [g for m in ("ours", "ours_adaptive") for _, g, _ in runs.get(m, [])]
     one_token = median_forward_sec([g for _, g, _ in runs.get("target_only", [])], "target", (1,))
-    draft_step = median_forward_sec(speculative, "draft", (1, 2))
-    verify = median_forward_sec(speculative, "target", (k + 1,))
+    draft_step = median_forward_sec(ours, "draft", (1, 2))
+    verify = median_forward_sec(ours, "target", (k + 1,))
     return {"target_step_sec": one_token, "draft_step_sec": draft_step,
             "cost_ratio": draft_step / one_token if draft_step and one_token else None,
             "verify_tokens": k + 1, "verify_sec": verify,
