@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from pathlib import Path
 
 import common
 
 import models
+import transformers_internals
 
 # Default cap on the history window, in tokens: Llama 3.2 advertises 131k, whose KV cache alone would need GiBs.
 MAX_CONTEXT_TOKENS = 8192
@@ -102,11 +102,8 @@ class Side:
         n, limit = 0, min(len(self.cached_ids), len(prompt_ids) - 1)
         while n < limit and self.cached_ids[n] == prompt_ids[n]:
             n += 1
-        if 0 < n < len(self.cached_ids):
-            try:  # a negative count removes that many tokens from the end (transformers 4.x and 5.x agree)
-                self.cache.crop(n - len(self.cached_ids))
-            except (RuntimeError, ValueError):  # a sliding-window layer that already evicted what we would keep
-                n = 0
+        if 0 < n < len(self.cached_ids) and not transformers_internals.crop_cache(self.cache, keep_tokens=n):
+            n = 0  # a sliding-window layer already evicted what we would keep
         if n == 0:
             self.cache = models.new_cache()
         self.cached_ids = self.cached_ids[:n]
@@ -234,18 +231,7 @@ def stream_reply(side: Side, prompt_ids: list, settings: Settings, max_new_token
             yield text.rstrip("\ufffd")[shown:]
     finally:  # also when Ctrl-C ends the reply: the timing line still shows the memory
         stats.stop_reason = "interrupted" if stats.stop_reason == "running" else stats.stop_reason
-        stats.memory_in_use_bytes, stats.memory_kind = memory_reading(chat.loaded.device)
-
-
-def memory_reading(device: str, peak: bool = False) -> tuple:
-    """(bytes, kind) in use now, or with peak the most so far: the CUDA allocator's on a GPU, else the process RSS."""
-    if device.startswith("cuda"):
-        import torch
-        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()), "vram_allocated"
-    import psutil
-    import resource
-    most = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    return (most if peak else psutil.Process().memory_info().rss), "rss"
+        stats.memory_in_use_bytes, stats.memory_kind = common.memory_reading(chat.loaded.device)
 
 
 def speed_summary(a: ReplyStats, b: ReplyStats, same_tokenizer: bool) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -139,6 +140,27 @@ def nvml_used_bytes() -> int | None:
     return None
 
 
+def memory_reading(device: str, peak: bool = False) -> tuple:
+    """(bytes, kind) in use now, or with peak the most so far: the CUDA allocator's on a GPU ("vram_allocated"),
+    else the process RSS ("rss"). The one reading of memory; MemoryMonitor samples it over a block."""
+    if device.startswith("cuda"):
+        import torch
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()), "vram_allocated"
+    import resource
+    rss = this_process().memory_info().rss
+    if not peak:
+        return rss, "rss"
+    most = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    return max(most, rss), "rss"  # the kernel's high-water mark lags the live count by a few pages
+
+
+@functools.cache
+def this_process():
+    """psutil's handle on this process, made once: MemoryMonitor reads it every 10 ms."""
+    import psutil
+    return psutil.Process()
+
+
 class MemoryMonitor:
     """Peak memory over a block: RSS sampled every 10 ms (psutil), CUDA allocator peaks, NVML device use.
 
@@ -147,10 +169,8 @@ class MemoryMonitor:
     """
 
     def __init__(self, device: str = "cpu", interval_sec: float = 0.01):
-        import psutil
         self.device, self.interval_sec = device, interval_sec
-        self.process = psutil.Process()
-        self.peak_rss_bytes = self.process.memory_info().rss
+        self.peak_rss_bytes = memory_reading("cpu")[0]
         self.peak_nvml_bytes = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -161,7 +181,7 @@ class MemoryMonitor:
             self._stop.wait(self.interval_sec)
 
     def sample(self):
-        self.peak_rss_bytes = max(self.peak_rss_bytes, self.process.memory_info().rss)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, memory_reading("cpu")[0])
         if self.device.startswith("cuda"):
             used = nvml_used_bytes()
             if used is not None:
@@ -184,7 +204,7 @@ class MemoryMonitor:
                "peak_vram_reserved_bytes": None, "peak_vram_nvml_bytes": self.peak_nvml_bytes}
         if self.device.startswith("cuda"):
             import torch
-            out["peak_vram_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            out["peak_vram_allocated_bytes"] = memory_reading(self.device, peak=True)[0]
             out["peak_vram_reserved_bytes"] = torch.cuda.max_memory_reserved()
         return out
 

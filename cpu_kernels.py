@@ -1,6 +1,6 @@
 """CPU speed-ups that lean on private or deprecated torch ops, fenced in one file.
 
-Two swaps of nn.Linear layers, both for speculative_demo.py on CPU:
+Two swaps of nn.Linear layers, both for the speculative pair on CPU (speculative_pair.load_pair):
 - oneDNN pre-packed weights (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise, what torch.compile's
   CPU freezing does): a verify pass over k+1 tokens then costs about one decode step.
 - int8 dynamic-quantized Linear layers for the draft (torch.quantize_per_channel, torch.ops.quantized.*, run by

@@ -30,8 +30,9 @@ from pathlib import Path
 import common
 
 import models
+import transformers_internals
 from chat import (MAX_CONTEXT_TOKENS, MEMORY_WORDS, ChatModel, ReplyStats, Settings, Side, build_prompt,
-                  count_text, load_chat_model, memory_reading, speed_summary, stream_reply)
+                  count_text, load_chat_model, speed_summary, stream_reply)
 
 # The settings /temp, /top-p and /max-new-tokens change: (the user's word for it, type, lowest, highest).
 SETTING_LIMITS = {"temperature": ("temperature", float, 0.0, 5.0), "top_p": ("top-p", float, 0.01, 1.0),
@@ -295,7 +296,7 @@ def answer(session: Session, ui: Terminal, user_text: str) -> None:
                                    "settings": settings,
                                    "stats": {**dataclasses.asdict(one), "decode_tok_per_sec": one.decode_tok_per_sec}})
     if len(stats) == 2:
-        peak, kind = memory_reading(session.chats[0].loaded.device, peak=True)
+        peak, kind = common.memory_reading(session.chats[0].loaded.device, peak=True)
         summary = speed_summary(*stats, same_tokenizer=session.same_vocab)
         session.transcript.append({"role": "comparison", "content": summary, "peak_memory_bytes": peak,
                                    "memory_kind": kind})
@@ -501,7 +502,7 @@ def start_models(session: Session, ui: Terminal, names: list | None, interactive
         open_models(session, ui, names or [models.DEFAULT_MODEL])
         return True
     # Most of a start-up is importing torch and transformers: begun now, while the menu waits for the user.
-    imports = in_background(functools.partial(importlib.import_module, "transformers.modeling_utils"))
+    imports = in_background(functools.partial(importlib.import_module, transformers_internals.MODEL_CODE_MODULE))
     while True:
         try:
             if names is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import common
 import models
+import transformers_internals
 
 # Ten subjects, grouped as lm-evaluation-harness groups them. Why these ten:
 # - all four lm-eval groups, in about MMLU's own proportions (3 STEM, 2 humanities, 3 social sciences, 2 other);
@@ -209,19 +210,11 @@ def mmlu_rows(tokenizer, contexts: list[str], max_length: int) -> list[list[Scor
 def choice_logprobs(model, input_ids, keep, cache=None):
     """Float32 log-probabilities at the positions `keep` (an int: the last ones; a tensor: those indices).
 
-    The output head runs in float32 on the few kept positions: in bf16 the logits of a small model (|x| ~ 16-32)
-    are rounded to steps of 0.125, which makes exact ties between letters common and flips answers on noise.
-    Models with logit soft-capping or scaling keep their own head."""
+    The output head runs in float32 on the few kept positions (transformers_internals.head_logits): in bf16 the
+    logits of a small model (|x| ~ 16-32) are rounded to steps of 0.125, which makes exact ties between letters
+    common and flips answers on noise. Models with logit soft-capping or scaling keep their own head."""
     import torch
-    extra = {models.cache_keyword(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    if not models.plain_lm_head(model):
-        logits = model(input_ids, logits_to_keep=keep, **extra).logits
-    else:
-        head = model.get_output_embeddings()
-        hidden = model.base_model(input_ids, **extra).last_hidden_state
-        hidden = hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep]
-        bias = head.bias.float() if head.bias is not None else None
-        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    logits = transformers_internals.head_logits(model, input_ids=input_ids, positions=keep, float32=True, cache=cache)
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
@@ -252,7 +245,7 @@ def prefix_cache(model, rows: list[ScoringRow]) -> tuple[int, list]:
     cache = models.new_cache()
     with torch.inference_mode():
         models.forward_logits(model, rows[0].input_ids[:prefix_len], cache)
-    return prefix_len, [(layer.keys, layer.values) for layer in cache.layers]
+    return prefix_len, transformers_internals.cache_layers(cache)
 
 
 def score_rows(model, rows: list[ScoringRow], prefix_len: int, layers: list, batch_size: int) -> list[dict[int, float]]:
@@ -261,7 +254,6 @@ def score_rows(model, rows: list[ScoringRow], prefix_len: int, layers: list, bat
     one, and each row is read at its own positions. With a prefix (prefix_len > 0), only the tokens after it are
     computed, against a copy of its KV cache."""
     import torch
-    from transformers import DynamicCache
     scores: list[dict[int, float] | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # similar lengths: little padding
     device = model.device
@@ -271,9 +263,8 @@ def score_rows(model, rows: list[ScoringRow], prefix_len: int, layers: list, bat
         width = max(len(p) for p in parts)
         input_ids = torch.tensor([p + [p[-1]] * (width - len(p)) for p in parts], device=device)
         cache = None
-        if prefix_len:  # a fresh cache per batch: DynamicCache.update concatenates, the prefix views are only read
-            cache = DynamicCache([(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1))
-                                  for k, v in layers], config=model.config)
+        if prefix_len:  # a fresh cache per batch over the one prefix (its tensors are only read)
+            cache = transformers_internals.cache_from_layers(layers, batch_size=len(batch), config=model.config)
         keep = sorted({p for part, i in zip(parts, batch)
                        for p in range(len(part) - max(len(t) for t in rows[i].targets.values()), len(part))})
         with torch.inference_mode():

@@ -26,6 +26,8 @@ from pathlib import Path
 import common
 import records
 from common import GIB, UserError
+# The decode helpers' cache and head come from the fence; plain_lm_head and new_cache keep their models.* names.
+from transformers_internals import head_logits, new_cache, plain_lm_head  # noqa: F401
 
 # --------------------------------------------------------------------------------------------- registry
 # What download_models.py and the offline conversion write beside a model's files: where it came from.
@@ -723,46 +725,21 @@ def stop_token_ids(tokenizer, spec: ModelSpec | None = None) -> list[int]:
     return sorted(ids)
 
 
-def cache_keyword(model) -> str:
-    """forward()'s KV-cache argument name: transformers 5.2x renamed `past_key_values` to `cache` (the old name
-    warns on every call), so ask the model class which one it takes."""
-    return _cache_keyword(type(model))
-
-
-@functools.cache
-def _cache_keyword(model_class) -> str:
-    import inspect
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def plain_lm_head(model) -> bool:
-    """True when the logits are just lm_head(hidden): a Linear head and no soft-capping or logit scaling (Gemma 2,
-    Cohere, Granite...). Only then may a caller run the head itself (in fp32, or on chosen positions only)."""
-    import torch
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.weight.dtype not in (torch.float32, torch.bfloat16,
-                                                                          torch.float16):
-        return False
-    config = model.config.get_text_config()
-    return not any(getattr(config, key, None) for key in (
-        "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier"))
-
-
 # ---------------------------------------------------------------------------------------------- decoding
-def new_cache():
-    """An empty KV cache that forward() fills in place."""
-    from transformers import DynamicCache
-    return DynamicCache()
-
-
 def forward_logits(model, token_ids: list, cache, n_logits: int = 1):
     """One forward pass over the new tokens only (the cache holds everything before them and is extended in place):
     the float32 logits of the last n_logits positions, shape [n_logits, vocab]."""
     import torch
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([token_ids], device=device)
-    logits = model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{cache_keyword(model): cache}).logits
-    return logits[0, -n_logits:].float()
+    return head_logits(model, input_ids=ids, positions=n_logits, float32=False, cache=cache)[0].float()
+
+
+def token_probabilities(logits, temperature: float = 1.0):
+    """softmax(logits / T) in float32, over the last dimension: the one place a temperature meets the logits
+    (the sampler below, speculative decoding's accept rule and its draft's confidence)."""
+    import torch
+    return torch.softmax(logits.float() / temperature, dim=-1)
 
 
 def sample_token(logits, *, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
@@ -771,7 +748,7 @@ def sample_token(logits, *, temperature: float = 0.0, top_p: float = 1.0, genera
     import torch
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = token_probabilities(logits, temperature)
     if top_p >= 1:
         return int(torch.multinomial(probs, 1, generator=generator))
     sorted_probs, order = probs.sort(descending=True)

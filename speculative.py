@@ -4,8 +4,8 @@ one forward pass and keeps the longest prefix it agrees with, plus one token of 
 Leviathan et al. 2023 (https://arxiv.org/abs/2211.17192) and Chen et al. 2023 (https://arxiv.org/abs/2302.01318).
 Both KV caches are kept and rolled back after a rejection, so no token is read twice. Greedy output is
 token-for-token the target's own greedy output; sampling keeps the target's distribution exactly (the proof is
-in accept_drafts). speculative_demo.py measures, checks and draws all of this; this file only decodes, with every
-forward pass timed into a trace so the demo can say where the time went.
+in accept_drafts). speculative_pair.py measures and checks all of this, speculative_demo.py draws it; this file
+only decodes, with every forward pass timed into a trace so the demo can say where the time went.
 
 Read top to bottom: one Generation, the timed forward pass, the accept rule, speculative_generate, the adaptive
 choice of k, the two baselines (the target alone in our loop and in transformers' generate()), and Leviathan's
@@ -27,10 +27,9 @@ import time
 
 import common
 import models
+import transformers_internals
 
 N_TOP_LOGITS = 5  # logits the reference keeps per position, so that a divergence can be explained by its margin
-# The private transformers helper behind assisted_defaults(), checked on this version (tests/test_speculative.py).
-TRANSFORMERS_VERIFIED = "5.24.0"
 
 
 @dataclasses.dataclass
@@ -114,7 +113,7 @@ def accept_drafts(target_logits, draft_probs: list, draft_tokens: list, temperat
         while n < k and draft_tokens[n] == choice[n]:
             n += 1
         return n, choice[n]
-    p = torch.softmax(target_logits / temperature, dim=-1)
+    p = models.token_probabilities(target_logits, temperature)
     for i, (x, q) in enumerate(zip(draft_tokens, draft_probs)):
         u = float(torch.rand((), generator=generator, device=generator.device))  # u ~ U[0, 1)
         if u * float(q[x]) < float(p[i, x]):  # u < p/q
@@ -127,11 +126,11 @@ def accept_drafts(target_logits, draft_probs: list, draft_tokens: list, temperat
 
 
 def rollback(cache, keep_tokens: int) -> None:
-    """Drop cached keys/values past the accepted prefix (DynamicCache.crop with a negative count removes that
-    many tokens in both the old absolute-length API and transformers 5's count API)."""
-    extra = cache.get_seq_length() - keep_tokens
-    if extra > 0:
-        cache.crop(-extra)
+    """Drop cached keys/values past the accepted prefix. A cache that cannot be cut (a sliding-window layer already
+    evicted part of the prefix) would make every later token wrong, so that is an error, not a fresh start."""
+    if not transformers_internals.crop_cache(cache, keep_tokens):
+        raise RuntimeError(f"cannot roll this model's KV cache back to {keep_tokens} tokens (sliding-window "
+                           "attention?); speculative decoding needs a cache it can cut")
 
 
 def propose_drafts(draft, sequence: list, cache, *, k: int, vocab_size: int, temperature: float, generator,
@@ -140,7 +139,6 @@ def propose_drafts(draft, sequence: list, cache, *, k: int, vocab_size: int, tem
     Returns (tokens, their distributions q when sampling, the draft's top probability per token when adaptive).
     stop_below (adaptive k): stop once the draft's own chance that every draft so far is right (the product of
     its top probabilities) falls below it. A rule that looks only at the draft keeps the output exact."""
-    import torch
     tokens, probs, confidences = [], [], []
     path_probability, feed = 1.0, sequence[cache.get_seq_length():]
     for _ in range(k):
@@ -148,11 +146,11 @@ def propose_drafts(draft, sequence: list, cache, *, k: int, vocab_size: int, tem
         if temperature == 0:
             tokens.append(int(q_logits.argmax()))
         else:
-            probs.append(torch.softmax(q_logits / temperature, dim=-1))
+            probs.append(models.token_probabilities(q_logits, temperature))
             tokens.append(sample_from(probs[-1], generator))
         feed = tokens[-1:]
         if stop_below is not None:
-            confidences.append(float((probs[-1] if temperature else torch.softmax(q_logits, dim=-1)).max()))
+            confidences.append(float((probs[-1] if temperature else models.token_probabilities(q_logits)).max()))
             path_probability *= confidences[-1]
             if path_probability < stop_below:
                 break
@@ -353,17 +351,6 @@ def hf_generate(model, prompt_ids: list, *, max_new_tokens: int, temperature: fl
         out.total_sec = time.perf_counter() - start
     out.add(sequences[0, len(prompt_ids):].tolist(), [None] * max_new_tokens, stop_ids)
     return out
-
-
-def assisted_defaults(generation_config) -> dict:
-    """The assistant settings transformers' assisted generation used with this draft: the draft config's own, or
-    transformers' defaults where it sets none. Those defaults are only reachable through the private
-    GenerationConfig._get_default_generation_params (checked on transformers TRANSFORMERS_VERIFIED); if it
-    disappears, the unknown defaults read None rather than a guess."""
-    private = getattr(generation_config, "_get_default_generation_params", None)
-    defaults = private() if callable(private) else {}
-    return {name: getattr(generation_config, name, None) or defaults.get(name)
-            for name in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")}
 
 
 class forward_hooks:  # noqa: N801 - used as a `with` block

@@ -25,21 +25,20 @@ sys.path.insert(0, str(REPO))
 import common  # noqa: E402
 import models  # noqa: E402
 import speculative  # noqa: E402
-import speculative_demo  # noqa: E402
+import speculative_pair  # noqa: E402
 
 TRANSFORMERS_DEFAULT = {"cap": 20, "stop_after_confidence_below": 0.4}  # num_assistant_tokens, confidence threshold
 
 
 def record_path(pair, prompt_ids: list, max_new_tokens: int) -> dict:
     """The target's greedy tokens, and the draft's guess and confidence at each of them (incremental, cached)."""
-    import torch
     reference = speculative.reference_generate(pair.target.model, prompt_ids, max_new_tokens=max_new_tokens,
                                                stop_ids=pair.stop_ids, device=pair.device)
     cache, guesses, confidences = models.new_cache(), [], []
     feed = prompt_ids
     for token in reference.tokens:
         logits = models.forward_logits(pair.draft.model, feed, cache)[-1]
-        probs = torch.softmax(logits, dim=-1)
+        probs = models.token_probabilities(logits)
         guesses.append(int(probs.argmax()))
         confidences.append(float(probs.max()))
         feed = [token]
@@ -107,12 +106,12 @@ def parse_args(argv=None):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    with speculative_demo.torch_session(args.threads):
-        pair = speculative_demo.load_pair(
+    with speculative_pair.torch_session(args.threads):
+        pair = speculative_pair.load_pair(
             draft=args.draft, target=args.target, device="cpu", dtype="bfloat16", target_quantize="none",
             universal=False, int8_draft=args.draft_weights == "int8", pack_weights=True, models_dir=args.models_dir,
             log=print)
-        prompts = speculative_demo.encode_prompts(pair, n_prompts=args.n_prompts)
+        prompts = speculative_pair.encode_prompts(pair, n_prompts=args.n_prompts)
         c, s = measure_costs(pair, prompts[0]["ids"])
         paths = [record_path(pair, p["ids"], args.max_new_tokens) for p in prompts]
     print(f"{pair.draft.resolved.label} ({pair.draft.quantize}) -> {pair.target.resolved.label}: measured c = {c:.3f}, "

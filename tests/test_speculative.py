@@ -1,6 +1,6 @@
-"""speculative.py and speculative_demo.py on tiny random models: greedy output identical to the target's, caches
-rolled back to the accepted prefix, the sampling rule keeps the target's distribution, vocabulary mismatches refused
-or aligned; the demo's flags refused up front and its one record."""
+"""speculative.py, speculative_pair.py and speculative_demo.py on tiny random models: greedy output identical to the
+target's, caches rolled back to the accepted prefix, the sampling rule keeps the target's distribution, vocabulary
+mismatches refused or aligned; the demo's flags refused up front and its one record."""
 import copy
 import json
 from pathlib import Path
@@ -14,6 +14,7 @@ import models as model_io  # noqa: E402  (the fixture `models` below is the load
 import cpu_kernels  # noqa: E402
 import speculative as spec  # noqa: E402
 import speculative_demo as sd  # noqa: E402
+import speculative_pair as sp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def test_int8_draft_keeps_the_output_exact(models):
         reference = spec.reference_generate(target, prompt, max_new_tokens=20)
         for k in (2, 5):
             out = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, k=k)
-            assert out.tokens == reference.tokens and sd.run_stats("ours", out)["n_accepted"] > 0
+            assert out.tokens == reference.tokens and sp.run_stats("ours", out)["n_accepted"] > 0
         out = spec.speculative_generate(target, draft, prompt, max_new_tokens=20, k=spec.AdaptiveK())
         assert out.tokens == reference.tokens
 
@@ -99,7 +100,7 @@ def test_int8_draft_keeps_the_output_exact(models):
 def test_identical_draft_accepts_every_token(models):
     prompt = random_prompts(1, seed=7)[0]
     out = spec.speculative_generate(models["target"], models["same"], prompt, max_new_tokens=21, k=4)
-    stats = sd.run_stats("ours", out)
+    stats = sp.run_stats("ours", out)
     assert stats["acceptance_rate"] == 1.0 and stats["alpha"] == 1.0
     assert [s["n_accepted"] for s in out.steps] == [4] * 4
     assert out.kinds == ["target"] + (["accepted"] * 4 + ["bonus"]) * 4
@@ -110,7 +111,7 @@ def test_independent_draft_is_mostly_rejected_and_adaptive_k_backs_off(models):
     adaptive = spec.AdaptiveK(k_max=8)
     out = spec.speculative_generate(models["target"], models["independent"], prompt, max_new_tokens=60,
                                     k=adaptive)
-    assert sd.run_stats("ours", out)["acceptance_rate"] < 0.3
+    assert sp.run_stats("ours", out)["acceptance_rate"] < 0.3
     assert out.k_trace[:2] == [0, 8] and out.k_trace[-10:].count(0) >= 7  # mostly plain steps at the end
     assert out.steps[1]["k"] < 8  # and the unsure draft stopped before its cap
 
@@ -336,7 +337,7 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
             (draft_dir / file.name).write_bytes(file.read_bytes())
     code = sd.main(["--draft", str(draft_dir), "--target", str(models["target_path"]), "--dtype", "float32",
                     "--max-new-tokens", "16", "--k", "3", "--k-max", "5", "--k-sweep", "1,4", "--threads", "1",
-                    "--methods", ",".join(sd.METHODS), "--results-dir", str(results_dir)])
+                    "--methods", ",".join(sp.METHODS), "--results-dir", str(results_dir)])
     out = capsys.readouterr().out
     assert code == 0, out
     record = json.loads(next(results_dir.glob("speculative-*.json")).read_text())
@@ -345,13 +346,13 @@ def test_demo_runs_end_to_end_and_writes_its_record(models, results_dir, tmp_pat
     assert record["draft"]["quantization"] == ("int8-dynamic" if int8 else "none")
     if int8:  # the identity counts the int8 copies, not the float weights they replaced
         assert 0 < record["draft"]["weight_bytes"] < record["target"]["weight_bytes"]
-    assert set(record["methods"]) == set(sd.METHODS)
+    assert set(record["methods"]) == set(sp.METHODS)
     assert record["lossless"]["checked"] and record["lossless"]["n_runs"] == 2 + 2 + 4
     assert record["lossless"]["n_identical"] == record["lossless"]["n_runs"]
     assert [row["k"] for row in record["k_sweep"]] == [1, 4]
     assert record["methods"]["ours"]["acceptance_rate"] > 0 and record["cost"]["cost_ratio"] > 0
     ratios = record["ratios"]
-    assert record["ours_method"] == "ours_adaptive" and "notes" not in record and set(ratios) == set(sd.METHODS)
+    assert record["ours_method"] == "ours_adaptive" and "notes" not in record and set(ratios) == set(sp.METHODS)
     for method, row in ratios.items():  # one paired computation behind the table's speedup and the ratios
         assert row["vs_target"] == record["methods"][method]["speedup"] and len(row["vs_assisted_by_prompt"]) == 2
     assert ratios["assisted"]["vs_assisted"] == pytest.approx(1.0)
@@ -390,16 +391,3 @@ def test_unwritable_results_folder_is_refused_before_loading(tmp_path, capsys):
     assert sd.main(["--draft", "no-such-draft", "--target", "no-such-target", "--results-dir", str(blocker)]) == 2
     error = capsys.readouterr().err
     assert "results folder" in error and str(blocker) in error and "no-such" not in error
-
-
-def test_assisted_defaults_read_transformers_private_defaults():
-    """assisted_defaults() reads GenerationConfig._get_default_generation_params, a private helper checked on
-    transformers spec.TRANSFORMERS_VERIFIED. If this fails after an upgrade, the record's assisted_defaults go None."""
-    import transformers
-    from transformers import GenerationConfig
-    assert hasattr(GenerationConfig, "_get_default_generation_params"), (
-        f"transformers {transformers.__version__} dropped _get_default_generation_params (checked on "
-        f"{spec.TRANSFORMERS_VERIFIED}); update speculative.assisted_defaults")
-    assert spec.assisted_defaults(GenerationConfig()) == {
-        "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4}
-    assert spec.assisted_defaults(GenerationConfig(num_assistant_tokens=7))["num_assistant_tokens"] == 7
