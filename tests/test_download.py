@@ -5,7 +5,8 @@ The fake speaks the parts of the hub protocol huggingface_hub 2.4 reads (checked
 HEAD/GET `<repo>/resolve/<rev>/<file>` with X-Repo-Commit, X-Linked-Etag, X-Linked-Size and, for LFS files,
 a 302 to a "CDN" on another origin (localhost vs 127.0.0.1, so the client drops its token), Range/206, and
 errors with X-Error-Code (GatedRepo 401, RepoNotFound 404, EntryNotFound 404). It counts every byte it sends, and
-serves passing faults on demand: a 5xx (with or without Retry-After) or a connection closed before any answer.
+serves passing faults on demand: a 5xx (with or without Retry-After), a connection closed before any answer, or a
+transfer that sends its headers and a few bytes and then goes silent (a stall).
 """
 import hashlib
 import json
@@ -43,6 +44,7 @@ class FakeHub:
         self.requests: list[dict] = []  # method, path (repo file), range, bytes sent, auth
         self.drop_after: dict[str, int] = {}  # file -> bytes to send before closing the socket (once)
         self.stall_after: dict[str, int] = {}  # file -> bytes to send before waiting for `release` (once)
+        self.stall_always: dict[str, int] = {}  # file -> bytes every GET sends before going silent (a stalled CDN)
         self.corrupt: dict[str, int] = {}  # file -> how many more GETs get wrong bytes
         # "api" (model_info), "HEAD <file>" (metadata) or "GET <file>" -> faults served in turn, one per request:
         # (status, Retry-After seconds or None), or "drop" (close the connection without answering)
@@ -183,7 +185,8 @@ class Handler(BaseHTTPRequestHandler):
                 hub.corrupt[path] -= 1
                 payload = bytes(b ^ 0xFF for b in payload[:64]) + payload[64:]
             cut = hub.drop_after.pop(path, None) if body else None
-            stall = hub.stall_after.pop(path, None) if body else None
+            stall = (hub.stall_after.pop(path, None) if path in hub.stall_after else hub.stall_always.get(path)) \
+                if body else None
             record = {"method": self.command, "path": path, "range": requested, "sent": 0,
                       "auth": "Authorization" in self.headers}
             hub.requests.append(record)
@@ -499,6 +502,58 @@ def test_faults_that_outlast_the_retries_fail_clearly_and_keep_what_arrived(hub,
     assert rc == 2 and "Cannot reach the Hugging Face Hub" in err and "after 3 tries" in err
     rc, _, err = run_main(["--models", "org/tiny"], dirs, capsys)  # the hub is well again: the run completes
     assert rc == 0, err
+
+
+def test_a_stalled_transfer_gives_up_in_one_sentence_within_a_minute(hub, dirs):
+    """Headers and 300 KiB (less than one write chunk), then silence, on every try: the run ends non-zero in one
+    sentence, in about 35 s (three 10 s read timeouts and 1 s + 2 s between), with none of the library's own
+    retry warnings. Before, huggingface_hub's retries inside ours made 18 attempts and about 200 s."""
+    import hub as hub_adapter
+    models_dir, results_dir = dirs
+    hub.stall_always["model.safetensors"] = 300 * 1024
+    argv = [sys.executable, str(SCRIPT), "--models", "org/tiny", "--models-dir", str(models_dir),
+            "--results-dir", str(results_dir)]
+    start = time.monotonic()
+    done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    took = time.monotonic() - start
+    print(f"\nstalled transfer: exit {done.returncode} after {took:.1f} s, {len(hub.gets('model.safetensors'))} GETs")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert took < 60
+    assert len(hub.gets("model.safetensors")) == hub_adapter.RETRY_TRIES  # one layer of retries, not two
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert errors == [f"error: tiny: the hub sent nothing for {hub_adapter.READ_TIMEOUT_SEC:.0f} s after "
+                      f"{hub_adapter.RETRY_TRIES} tries; run again to resume where it stopped."], done.stderr
+    output = done.stdout + done.stderr
+    for library_words in ("Trying to resume", "Retrying in", "Max retries", "Error while downloading", "WARNING",
+                          "Traceback"):
+        assert library_words not in output
+    assert "tiny/model.safetensors: the hub sent nothing for 10 s; trying again in 1 s (1 of 2 retries)" in output
+    record = json.loads(next(results_dir.glob("download-*.json")).read_text())
+    assert record["status"] == "failed" and not (models_dir / "tiny" / "config.json").exists()
+
+
+def test_retries_reset_while_a_file_keeps_arriving():
+    """A try that kept bytes is not a failed one: three drops, each after progress, still end well; three without
+    progress give up."""
+    import httpx2
+    import hub as hub_adapter
+    kept, calls, logs = [0], [], []
+
+    def dropping_after_progress():
+        calls.append(1)
+        if len(calls) <= 4:
+            kept[0] += 1 << 20
+            raise httpx2.RemoteProtocolError("peer closed connection")
+        return "done"
+    assert hub_adapter.with_retries(dropping_after_progress, what="f", log=logs.append, sleep=lambda _: None,
+                                    progress=lambda: kept[0]) == "done"
+    assert len(calls) == 5
+
+    def stalling():
+        raise httpx2.ReadTimeout("timed out")
+    with pytest.raises(httpx2.ReadTimeout):
+        hub_adapter.with_retries(stalling, what="f", log=logs.append, sleep=lambda _: None, progress=lambda: kept[0])
+    assert logs[-1] == f"f: the hub sent nothing for 10 s; gave up after {hub_adapter.RETRY_TRIES} tries."
 
 
 def test_retry_after_is_capped():
