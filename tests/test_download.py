@@ -796,11 +796,21 @@ def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtyp
             models.convert_gguf(smollm2_gguf, tmp_path / "refused", log=logs.append)
     assert not (tmp_path / "refused").exists()
     assert re.search(r"\(once; needs about 3\d\d\.\d MiB of disk\)", logs[0])  # 134.5 M values in bf16 + 64 MiB
-    folder = models.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
+    old_umask = os.umask(0o077)  # a private user: every converted file is theirs alone (022: see the next test)
+    try:
+        folder = models.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
+    finally:
+        os.umask(old_umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == \
+        {p.name: "0o600" for p in folder.iterdir()}
     out, err = capfd.readouterr()
     assert "Pass `dtype" not in out + err and "dtype=torch.float32" not in out + err
     source = json.loads((folder / models.CONVERSION_MANIFEST).read_text())
     assert source["gguf_sha256"] == models.REGISTRY["smollm2-135m"].gguf_sha256
+    weights = folder / "model.safetensors"
+    assert source["files"]["model.safetensors"] == {"size_bytes": weights.stat().st_size,
+                                                    "sha256": common.sha256_file(weights)}
+    assert set(source["files"]) == {p.name for p in folder.iterdir()} - {models.CONVERSION_MANIFEST}
     assert models.resolve_model(str(folder)).source == str(folder.resolve())  # a whole, loadable folder
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm2_gguf.read_bytes()[: smollm2_gguf.stat().st_size // 2])
@@ -808,8 +818,10 @@ def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtyp
         models.convert_gguf(cut, tmp_path / "from-cut", log=logs.append)
 
 
-def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp_path):
-    """--models smollm2-135m: the same offline copy every script makes on first use (here from a GGUF on disk)."""
+def test_download_models_prepares_the_embedded_default_offline_and_verify_checks_it(smollm2_gguf, tmp_path):
+    """--models smollm2-135m: the same offline copy every script makes on first use (here from a GGUF on disk), with
+    the umask's modes (022: readable by all, so a models folder can be shared); an up-to-date run writes no record;
+    --verify (every model on disk) catches weights overwritten after the conversion."""
     models_dir, results_dir = tmp_path / "models", tmp_path / "results"
     models_dir.mkdir()
     try:
@@ -817,17 +829,62 @@ def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp
     except OSError:  # another file system
         import shutil
         shutil.copyfile(smollm2_gguf, models_dir / smollm2_gguf.name)
-    argv = [sys.executable, str(SCRIPT), "--models", "smollm2-135m", "--models-dir", str(models_dir),
-            "--results-dir", str(results_dir)]
-    done = subprocess.run(argv, env=subprocess_env(HF_ENDPOINT=closed_port_url()), capture_output=True, text=True,
-                          timeout=600)
+    argv = [sys.executable, str(SCRIPT), "--models-dir", str(models_dir), "--results-dir", str(results_dir)]
+    umask_022 = {"preexec_fn": lambda: os.umask(0o022)}
+    done = subprocess.run([*argv, "--models", "smollm2-135m"], env=subprocess_env(HF_ENDPOINT=closed_port_url()),
+                          capture_output=True, text=True, timeout=600, **umask_022)
     assert done.returncode == 0, done.stderr
     record = json.loads(next(results_dir.glob("download-*.json")).read_text())
     entry = record["models"][0]
     assert entry["status"] == "converted" and entry["revision"] == models.REGISTRY["smollm2-135m"].gguf_sha256
-    assert models.resolve_model("smollm2-135m", models_dir).source == str(models_dir / "smollm2-135m")
-    done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "up_to_date" in done.stdout
+    folder = models_dir / "smollm2-135m"
+    assert models.resolve_model("smollm2-135m", models_dir).source == str(folder)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == \
+        {p.name: "0o644" for p in folder.iterdir()}
+    done = subprocess.run([*argv, "--models", "smollm2-135m"], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "up_to_date" in done.stdout and "no download record was written" in done.stdout
+    assert len(list(results_dir.glob("download-*.json"))) == 1  # the page counts download records
+
+    done = subprocess.run([*argv, "--verify"], env=subprocess_env(HF_ENDPOINT=closed_port_url()),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "verified" in done.stdout, done.stdout + done.stderr
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:  # the weights overwritten in place: same size, same header, zeros after
+        n_header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n_header)
+        f.write(bytes(weights.stat().st_size - 8 - n_header))
+    assert models.resolve_model("smollm2-135m", models_dir).source == str(folder)  # the header check cannot tell
+    done = subprocess.run([*argv, "--verify"], env=subprocess_env(HF_ENDPOINT=closed_port_url()),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        f"error: smollm2-135m: {weights} is not the file converted from {smollm2_gguf.name} (its sha256 changed); "
+        f"delete {folder} and run `python download_models.py --models smollm2-135m` to convert it again."]
+    source = folder / models.CONVERSION_MANIFEST  # a conversion from before per-file hashes were recorded
+    legacy = {k: v for k, v in json.loads(source.read_text()).items() if k != "files"}
+    source.write_text(json.dumps(legacy))
+    done = subprocess.run([*argv, "--verify", "--models", "smollm2-135m"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "unverified" in done.stdout and "only its headers could be checked" in done.stdout
+
+
+def test_what_we_write_honours_the_umask(tmp_path):
+    """write_json_atomic (records, manifests) and honour_umask (for writers that make 0600 files, as safetensors
+    does) give 0644 under umask 022 and 0600 under 077."""
+    import torch
+    from safetensors.torch import save_file
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            record = common.write_json_atomic(tmp_path / f"record-{umask:o}.json", {"a": 1})
+            weights = tmp_path / f"weights-{umask:o}.safetensors"
+            save_file({"w": torch.zeros(2)}, str(weights))
+            common.honour_umask(tmp_path)
+        finally:
+            os.umask(old)
+        assert record.stat().st_mode & 0o777 == mode and weights.stat().st_mode & 0o777 == mode
+
 
 
 # ------------------------------------------------------------------------- is the hub reachable: one answer
@@ -919,3 +976,21 @@ def test_every_script_fails_fast_offline_in_one_sentence(script, args, tmp_path,
     assert "not on disk and the hub at http://127.0.0.1:" in output and "is not reachable" in output, output
     for noise in ("Traceback", "Retrying in", "Trying to resume", "WARNING", "couldn't connect"):
         assert noise not in output, output
+
+
+def test_json_errors_read_once_and_a_file_where_a_folder_belongs_is_named(tmp_path, dirs, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": "x\nb"}')  # json says "Invalid control character at", then a position
+    with pytest.raises(common.UserError) as error:
+        common.read_json(bad)
+    assert "at at" not in str(error.value) and "Invalid control character at line 1 column 9" in str(error.value)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(common.UserError, match=f"{blocker} is a file, not a folder"):
+        common.read_json(blocker / "record.json")
+    with pytest.raises(common.UserError, match=f"{blocker} is a file, not a folder"):
+        models.resolve_model(str(blocker / "model"))
+    rc, _, err = run_main(["--verify"], (blocker, dirs[1]), capsys)
+    assert rc == 2 and f"{blocker} is a file, not a folder" in err
+    rc, _, err = run_main(["--verify"], dirs, capsys)  # an empty models folder: nothing to check, said once
+    assert rc == 2 and "nothing to verify" in err
