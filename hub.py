@@ -100,7 +100,9 @@ def hub_reachable(timeout_sec: float = REACHABLE_TIMEOUT_SEC) -> bool:
     parts = urllib.parse.urlsplit(url)
     proxy = None if urllib.request.proxy_bypass(parts.hostname or "") else \
         urllib.request.getproxies().get(parts.scheme)
-    target = urllib.parse.urlsplit(proxy if "://" in (proxy or "://") else f"http://{proxy}") if proxy else parts
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    target = urllib.parse.urlsplit(proxy) if proxy else parts
     port = target.port or (443 if target.scheme == "https" else 80)
     outcome = []
 
