@@ -33,11 +33,11 @@ import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import common
+import hub
 import models
 import records
 
@@ -59,25 +59,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def hub_reachable(timeout_sec: float = 3.0) -> bool:
-    """Is the Hugging Face Hub reachable? False at once when HF_HUB_OFFLINE is set; never waits long."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    import socket
-    outcome = []
-
-    def connect():
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=timeout_sec).close()
-            outcome.append(True)
-        except OSError:
-            outcome.append(False)
-    thread = threading.Thread(target=connect, daemon=True)  # DNS lookups ignore the socket timeout
-    thread.start()
-    thread.join(timeout_sec)
-    return bool(outcome and outcome[0])
 
 
 # ------------------------------------------------------------------------------------------- HumanEval
@@ -668,7 +649,7 @@ def run(argv=None) -> int:
             sandbox.isolation_report(args.sandbox)  # probed once per process; the phase prints its sentence
         except sandbox.SandboxUnavailable as error:
             raise common.UserError(str(error)) from None
-    use_hub = hub_reachable()
+    use_hub = hub.hub_reachable()
     if not args.child:
         refuse_missing_models(names, args.models_dir, use_hub=use_hub,
                               named=args.models != ",".join(models.SEED_MODELS))

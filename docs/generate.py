@@ -65,7 +65,7 @@ def classify(text: str) -> tuple[str, object]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        return "skipped", f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        return "skipped", f"not valid JSON ({common.json_error_text(error)})"
     except (RecursionError, ValueError) as error:  # absurdly deep nesting, or numbers too long to parse
         return "skipped", f"not readable JSON ({type(error).__name__})"
     record, error = records.load(data)
@@ -831,6 +831,8 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     results_dir = Path(args.results_dir)
     if not results_dir.is_dir():
+        if results_dir.exists() or any(p.is_file() for p in results_dir.parents):  # a file where a folder should be
+            raise common.UserError(common.missing_path_sentence(results_dir, "folder"))
         raise common.UserError(f"Results folder {results_dir} does not exist; run python benchmark.py first "
                                "or pass --results-dir.")
     output = Path(args.output) if args.output else common.page_folder(args.docs_dir, results_dir) / "COMPARISON.md"

@@ -5,7 +5,8 @@ The fake speaks the parts of the hub protocol huggingface_hub 2.4 reads (checked
 HEAD/GET `<repo>/resolve/<rev>/<file>` with X-Repo-Commit, X-Linked-Etag, X-Linked-Size and, for LFS files,
 a 302 to a "CDN" on another origin (localhost vs 127.0.0.1, so the client drops its token), Range/206, and
 errors with X-Error-Code (GatedRepo 401, RepoNotFound 404, EntryNotFound 404). It counts every byte it sends, and
-serves passing faults on demand: a 5xx (with or without Retry-After) or a connection closed before any answer.
+serves passing faults on demand: a 5xx (with or without Retry-After), a connection closed before any answer, or a
+transfer that sends its headers and a few bytes and then goes silent (a stall).
 """
 import hashlib
 import json
@@ -43,6 +44,7 @@ class FakeHub:
         self.requests: list[dict] = []  # method, path (repo file), range, bytes sent, auth
         self.drop_after: dict[str, int] = {}  # file -> bytes to send before closing the socket (once)
         self.stall_after: dict[str, int] = {}  # file -> bytes to send before waiting for `release` (once)
+        self.stall_always: dict[str, int] = {}  # file -> bytes every GET sends before going silent (a stalled CDN)
         self.corrupt: dict[str, int] = {}  # file -> how many more GETs get wrong bytes
         # "api" (model_info), "HEAD <file>" (metadata) or "GET <file>" -> faults served in turn, one per request:
         # (status, Retry-After seconds or None), or "drop" (close the connection without answering)
@@ -183,7 +185,8 @@ class Handler(BaseHTTPRequestHandler):
                 hub.corrupt[path] -= 1
                 payload = bytes(b ^ 0xFF for b in payload[:64]) + payload[64:]
             cut = hub.drop_after.pop(path, None) if body else None
-            stall = hub.stall_after.pop(path, None) if body else None
+            stall = (hub.stall_after.pop(path, None) if path in hub.stall_after else hub.stall_always.get(path)) \
+                if body else None
             record = {"method": self.command, "path": path, "range": requested, "sent": 0,
                       "auth": "Authorization" in self.headers}
             hub.requests.append(record)
@@ -501,6 +504,58 @@ def test_faults_that_outlast_the_retries_fail_clearly_and_keep_what_arrived(hub,
     assert rc == 0, err
 
 
+def test_a_stalled_transfer_gives_up_in_one_sentence_within_a_minute(hub, dirs):
+    """Headers and 300 KiB (less than one write chunk), then silence, on every try: the run ends non-zero in one
+    sentence, in about 35 s (three 10 s read timeouts and 1 s + 2 s between), with none of the library's own
+    retry warnings. Before, huggingface_hub's retries inside ours made 18 attempts and about 200 s."""
+    import hub as hub_adapter
+    models_dir, results_dir = dirs
+    hub.stall_always["model.safetensors"] = 300 * 1024
+    argv = [sys.executable, str(SCRIPT), "--models", "org/tiny", "--models-dir", str(models_dir),
+            "--results-dir", str(results_dir)]
+    start = time.monotonic()
+    done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    took = time.monotonic() - start
+    print(f"\nstalled transfer: exit {done.returncode} after {took:.1f} s, {len(hub.gets('model.safetensors'))} GETs")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert took < 60
+    assert len(hub.gets("model.safetensors")) == hub_adapter.RETRY_TRIES  # one layer of retries, not two
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert errors == [f"error: tiny: the hub sent nothing for {hub_adapter.READ_TIMEOUT_SEC:.0f} s after "
+                      f"{hub_adapter.RETRY_TRIES} tries; run again to resume where it stopped."], done.stderr
+    output = done.stdout + done.stderr
+    for library_words in ("Trying to resume", "Retrying in", "Max retries", "Error while downloading", "WARNING",
+                          "Traceback"):
+        assert library_words not in output
+    assert "tiny/model.safetensors: the hub sent nothing for 10 s; trying again in 1 s (1 of 2 retries)" in output
+    record = json.loads(next(results_dir.glob("download-*.json")).read_text())
+    assert record["status"] == "failed" and not (models_dir / "tiny" / "config.json").exists()
+
+
+def test_retries_reset_while_a_file_keeps_arriving():
+    """A try that kept bytes is not a failed one: three drops, each after progress, still end well; three without
+    progress give up."""
+    import httpx2
+    import hub as hub_adapter
+    kept, calls, logs = [0], [], []
+
+    def dropping_after_progress():
+        calls.append(1)
+        if len(calls) <= 4:
+            kept[0] += 1 << 20
+            raise httpx2.RemoteProtocolError("peer closed connection")
+        return "done"
+    assert hub_adapter.with_retries(dropping_after_progress, what="f", log=logs.append, sleep=lambda _: None,
+                                    progress=lambda: kept[0]) == "done"
+    assert len(calls) == 5
+
+    def stalling():
+        raise httpx2.ReadTimeout("timed out")
+    with pytest.raises(httpx2.ReadTimeout):
+        hub_adapter.with_retries(stalling, what="f", log=logs.append, sleep=lambda _: None, progress=lambda: kept[0])
+    assert logs[-1] == f"f: the hub sent nothing for 10 s; gave up after {hub_adapter.RETRY_TRIES} tries."
+
+
 def test_retry_after_is_capped():
     import hub as hub_adapter
     answer = SimpleNamespace(response=SimpleNamespace(headers={"Retry-After": "3600"}, status_code=503))
@@ -546,12 +601,15 @@ def test_two_runs_of_one_model_at_once_both_end_well_and_fetch_it_once(hub, dirs
     served = {p: d for p, d in hub.repos["org/tiny"]["files"].items() if p not in DECOYS}
     for path, data in served.items():
         assert hub.bytes_sent(path) == len(data), path  # every file crossed the wire once, not once per run
-    records = [json.loads(next((tmp_path / f"results-{n}").glob("download-*.json")).read_text())
-               for n in ("first", "second")]
-    assert [r["status"] for r in records] == ["complete", "complete"]
-    assert sum(r["fetched_bytes"] for r in records) == sum(len(d) for d in served.values())
-    second_weights = next(f for f in records[1]["models"][0]["files"] if f["path"] == "model.safetensors")
-    assert second_weights["status"] == "verified_on_disk" and second_weights["fetched_bytes"] == 0
+    written = {n: sorted((tmp_path / f"results-{n}").glob("download-*.json")) for n in ("first", "second")}
+    records = {n: json.loads(paths[0].read_text()) for n, paths in written.items() if paths}
+    assert [r["status"] for r in records.values()] == ["complete"] * len(records) and "first" in records
+    assert sum(r["fetched_bytes"] for r in records.values()) == sum(len(d) for d in served.values())
+    if "second" in records:  # it reached a small file before the first run did, and fetched that one itself
+        second_weights = next(f for f in records["second"]["models"][0]["files"] if f["path"] == "model.safetensors")
+        assert second_weights["status"] == "verified_on_disk" and second_weights["fetched_bytes"] == 0
+    else:  # it fetched nothing, so it wrote no record the page would count as a download
+        assert "no download record was written" in second_log
     assert not partial.exists()
     assert sorted(p.name for p in (models_dir / "tiny").iterdir()) == sorted([*served, models.DOWNLOAD_MANIFEST])
 
@@ -692,7 +750,7 @@ def test_a_good_model_this_user_cannot_read_is_not_called_damaged(tiny_models):
     root = Path(tempfile.mkdtemp(prefix="bllm-perm-", dir="/tmp"))  # pytest's own tmp folder is private to root
     code, folder = root / "code", shutil.copytree(tiny_models["llama"], root / "someone-elses-model")
     code.mkdir()
-    for name in ("common.py", "models.py", "records.py"):  # stdlib-only at import: any Python 3.11 can run the check
+    for name in ("common.py", "models.py", "records.py", "hub.py"):  # stdlib-only at import: any Python runs it
         shutil.copy(common.REPO_DIR / name, code / name)
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -741,11 +799,21 @@ def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtyp
             models.convert_gguf(smollm2_gguf, tmp_path / "refused", log=logs.append)
     assert not (tmp_path / "refused").exists()
     assert re.search(r"\(once; needs about 3\d\d\.\d MiB of disk\)", logs[0])  # 134.5 M values in bf16 + 64 MiB
-    folder = models.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
+    old_umask = os.umask(0o077)  # a private user: every converted file is theirs alone (022: see the next test)
+    try:
+        folder = models.convert_gguf(smollm2_gguf, tmp_path / "smollm2", log=logs.append)
+    finally:
+        os.umask(old_umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == \
+        {p.name: "0o600" for p in folder.iterdir()}
     out, err = capfd.readouterr()
     assert "Pass `dtype" not in out + err and "dtype=torch.float32" not in out + err
     source = json.loads((folder / models.CONVERSION_MANIFEST).read_text())
     assert source["gguf_sha256"] == models.REGISTRY["smollm2-135m"].gguf_sha256
+    weights = folder / "model.safetensors"
+    assert source["files"]["model.safetensors"] == {"size_bytes": weights.stat().st_size,
+                                                    "sha256": common.sha256_file(weights)}
+    assert set(source["files"]) == {p.name for p in folder.iterdir()} - {models.CONVERSION_MANIFEST}
     assert models.resolve_model(str(folder)).source == str(folder.resolve())  # a whole, loadable folder
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm2_gguf.read_bytes()[: smollm2_gguf.stat().st_size // 2])
@@ -753,8 +821,10 @@ def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtyp
         models.convert_gguf(cut, tmp_path / "from-cut", log=logs.append)
 
 
-def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp_path):
-    """--models smollm2-135m: the same offline copy every script makes on first use (here from a GGUF on disk)."""
+def test_download_models_prepares_the_embedded_default_offline_and_verify_checks_it(smollm2_gguf, tmp_path):
+    """--models smollm2-135m: the same offline copy every script makes on first use (here from a GGUF on disk), with
+    the umask's modes (022: readable by all, so a models folder can be shared); an up-to-date run writes no record;
+    --verify (every model on disk) catches weights overwritten after the conversion."""
     models_dir, results_dir = tmp_path / "models", tmp_path / "results"
     models_dir.mkdir()
     try:
@@ -762,14 +832,171 @@ def test_download_models_prepares_the_embedded_default_offline(smollm2_gguf, tmp
     except OSError:  # another file system
         import shutil
         shutil.copyfile(smollm2_gguf, models_dir / smollm2_gguf.name)
-    argv = [sys.executable, str(SCRIPT), "--models", "smollm2-135m", "--models-dir", str(models_dir),
-            "--results-dir", str(results_dir)]
-    done = subprocess.run(argv, env=subprocess_env(HF_ENDPOINT=closed_port_url()), capture_output=True, text=True,
-                          timeout=600)
+    argv = [sys.executable, str(SCRIPT), "--models-dir", str(models_dir), "--results-dir", str(results_dir)]
+    umask_022 = {"preexec_fn": lambda: os.umask(0o022)}
+    done = subprocess.run([*argv, "--models", "smollm2-135m"], env=subprocess_env(HF_ENDPOINT=closed_port_url()),
+                          capture_output=True, text=True, timeout=600, **umask_022)
     assert done.returncode == 0, done.stderr
     record = json.loads(next(results_dir.glob("download-*.json")).read_text())
     entry = record["models"][0]
     assert entry["status"] == "converted" and entry["revision"] == models.REGISTRY["smollm2-135m"].gguf_sha256
-    assert models.resolve_model("smollm2-135m", models_dir).source == str(models_dir / "smollm2-135m")
-    done = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "up_to_date" in done.stdout
+    folder = models_dir / "smollm2-135m"
+    assert models.resolve_model("smollm2-135m", models_dir).source == str(folder)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == \
+        {p.name: "0o644" for p in folder.iterdir()}
+    done = subprocess.run([*argv, "--models", "smollm2-135m"], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "up_to_date" in done.stdout and "no download record was written" in done.stdout
+    assert len(list(results_dir.glob("download-*.json"))) == 1  # the page counts download records
+
+    done = subprocess.run([*argv, "--verify"], env=subprocess_env(HF_ENDPOINT=closed_port_url()),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "verified" in done.stdout, done.stdout + done.stderr
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:  # the weights overwritten in place: same size, same header, zeros after
+        n_header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n_header)
+        f.write(bytes(weights.stat().st_size - 8 - n_header))
+    assert models.resolve_model("smollm2-135m", models_dir).source == str(folder)  # the header check cannot tell
+    done = subprocess.run([*argv, "--verify"], env=subprocess_env(HF_ENDPOINT=closed_port_url()),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        f"error: smollm2-135m: {weights} is not the file converted from {smollm2_gguf.name} (its sha256 changed); "
+        f"delete {folder} and run `python download_models.py --models smollm2-135m` to convert it again."]
+    source = folder / models.CONVERSION_MANIFEST  # a conversion from before per-file hashes were recorded
+    legacy = {k: v for k, v in json.loads(source.read_text()).items() if k != "files"}
+    source.write_text(json.dumps(legacy))
+    done = subprocess.run([*argv, "--verify", "--models", "smollm2-135m"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "unverified" in done.stdout and "only its headers could be checked" in done.stdout
+
+
+def test_what_we_write_honours_the_umask(tmp_path):
+    """write_json_atomic (records, manifests) and honour_umask (for writers that make 0600 files, as safetensors
+    does) give 0644 under umask 022 and 0600 under 077."""
+    import torch
+    from safetensors.torch import save_file
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            record = common.write_json_atomic(tmp_path / f"record-{umask:o}.json", {"a": 1})
+            weights = tmp_path / f"weights-{umask:o}.safetensors"
+            save_file({"w": torch.zeros(2)}, str(weights))
+            common.honour_umask(tmp_path)
+        finally:
+            os.umask(old)
+        assert record.stat().st_mode & 0o777 == mode and weights.stat().st_mode & 0o777 == mode
+
+
+
+# ------------------------------------------------------------------------- is the hub reachable: one answer
+def test_hub_reachable_follows_the_configured_endpoint_and_offline_mode(hub, monkeypatch):
+    import hub as hub_adapter
+    monkeypatch.setattr(hub_adapter, "_reachable_seen", {})
+    assert hub_adapter.hub_reachable()  # the fake hub, at HF_ENDPOINT
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_adapter.hub_reachable()  # at once, without asking
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    start = time.monotonic()
+    assert not hub_adapter.hub_reachable()
+    assert time.monotonic() - start < hub_adapter.REACHABLE_TIMEOUT_SEC + 0.5
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")  # a name lookup that never answers: the time limit
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(3) or socket.socket())
+    start = time.monotonic()
+    assert not hub_adapter.hub_reachable(timeout_sec=0.5)
+    assert time.monotonic() - start < 1.5
+
+
+def test_with_no_hub_a_model_not_on_disk_fails_at_once_and_a_cached_one_loads_without_the_network(
+        hub_model, tmp_path, monkeypatch):
+    """models.available_model, which every script's loading goes through (benchmark, finetune_demo,
+    speculative_demo, the chat's --model, menu and /compare): no from_pretrained with a hub id, no retries."""
+    import shutil
+    import transformers
+    from huggingface_hub import constants
+    import hub as hub_adapter
+    monkeypatch.setattr(hub_adapter, "_reachable_seen", {})
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub_ids_asked = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def watched(cls, source, *args, **kwargs):
+        if not Path(source).exists():
+            hub_ids_asked.append(source)
+        return real(cls, source, *args, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(watched))
+    for name in ("tinyllama-1.1b", "org/not-downloaded"):
+        start = time.monotonic()
+        with pytest.raises(common.UserError) as error:
+            models.load_model(name, models_dir=tmp_path / "models", log=lambda *_: None)
+        assert time.monotonic() - start < 5
+        assert "not on disk and the hub at http://127.0.0.1:" in str(error.value)
+        assert "is not reachable); run `python download_models.py --models " in str(error.value)
+    snapshot = tmp_path / "hub-cache" / "models--org--cached" / "snapshots" / COMMIT
+    shutil.copytree(hub_model, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    loaded = models.load_model("org/cached", dtype="float32", models_dir=tmp_path / "models", log=lambda *_: None)
+    assert loaded.resolved.source == str(snapshot) and loaded.model.config.model_type == "llama"
+    assert hub_ids_asked == []
+
+
+@pytest.mark.parametrize("script,args", [
+    ("benchmark", ["--models", "tinyllama-1.1b", "--phases", "speed", "--threads", "1"]),
+    ("finetune_demo", ["--model", "tinyllama-1.1b", "--threads", "1"]),
+    ("speculative_demo", ["--draft", "org/draft", "--target", "org/target", "--no-save", "--threads", "1"]),
+    ("demo_chat", ["--model", "tinyllama-1.1b", "--prompt", "hi", "--threads", "1"])])
+def test_every_script_fails_fast_offline_in_one_sentence(script, args, tmp_path, monkeypatch, capfd):
+    """Each script's real main() (in this process: the time is the script's own, not its imports'),
+    with the hub at a closed port: one sentence, non-zero, in seconds, and no hub id handed to from_pretrained."""
+    import importlib
+    import transformers
+    from huggingface_hub import constants
+    import hub as hub_adapter
+    monkeypatch.setattr(hub_adapter, "_reachable_seen", {})
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("BILLION_LLM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(lambda cls, source, *a, **k: asked.append(source)))
+    module = importlib.import_module(script)
+    argv = [*args, "--models-dir", str(tmp_path / "models")]
+    first = time.monotonic()
+    module.main(argv)  # the first call pays for the script's lazy imports (peft, datasets...) on this busy machine
+    first = time.monotonic() - first
+    start = time.monotonic()
+    rc = module.main(argv)
+    took = time.monotonic() - start
+    output = "".join(capfd.readouterr())
+    print(f"\n{script} offline: exit {rc} in {took:.1f} s (first call, with its imports: {first:.1f} s)")
+    assert rc != 0 and took < 5 and asked == [], output
+    # benchmark.py refuses missing models before loading (its own sentence); the others through models' loading
+    sentence = "the hub cannot be reached" if script == "benchmark" else "not on disk and the hub at http://127.0.0.1:"
+    command = "download_models.py --models " + ("org/draft" if script == "speculative_demo" else "tinyllama-1.1b")
+    assert sentence in output and command in output, output
+    for noise in ("Traceback", "Retrying in", "Trying to resume", "WARNING", "couldn't connect"):
+        assert noise not in output, output
+
+
+def test_json_errors_read_once_and_a_file_where_a_folder_belongs_is_named(tmp_path, dirs, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": "x\nb"}')  # json says "Invalid control character at", then a position
+    with pytest.raises(common.UserError) as error:
+        common.read_json(bad)
+    assert "at at" not in str(error.value) and "Invalid control character at line 1 column 9" in str(error.value)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(common.UserError, match=f"{blocker} is a file, not a folder"):
+        common.read_json(blocker / "record.json")
+    with pytest.raises(common.UserError, match=f"{blocker} is a file, not a folder"):
+        models.resolve_model(str(blocker / "model"))
+    rc, _, err = run_main(["--verify"], (blocker, dirs[1]), capsys)
+    assert rc == 2 and f"{blocker} is a file, not a folder" in err
+    rc, _, err = run_main(["--verify"], dirs, capsys)  # an empty models folder: nothing to check, said once
+    assert rc == 2 and "nothing to verify" in err
