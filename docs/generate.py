@@ -561,7 +561,7 @@ def guidance_facts(bench: list[Record], tunes: list[Record], heads: list[dict]) 
             peak_bytes=train["peak_vram_allocated_bytes" if on_gpu(r) else "peak_rss_bytes"],
             weight_bytes=r.data["model"]["weight_bytes"], train_sec=train["train_sec"],
             n_tokens=train["n_tokens"] or None, n_sequences=round(sequences) if sequences >= 1 else None,
-            batch_size=config["batch_size"], lora_rank=config["lora_rank"]))
+            batch_size=config["batch_size"], lora_rank=config["lora_rank"], dtype=r.data["model"]["dtype"]))
     drafts = [guidance.Draft(rid=h["record"].rid, draft=h["draft"], draft_precision=h["draft_precision"],
                              target=h["target"], speedup=h["speedup"], low=h["low"], high=h["high"],
                              n_prompts=h["n_prompts"])

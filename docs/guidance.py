@@ -18,6 +18,9 @@ import models
 
 
 # --------------------------------------------------------------------------------------------- machines
+PRECISION_WORDS = {"none": "bf16", "8bit": "8-bit", "4bit": "4-bit"}  # what a pick is loaded as, by --quantize
+
+
 @dataclasses.dataclass(frozen=True)
 class Machine:
     name: str
@@ -74,6 +77,7 @@ class Tune:
     n_sequences: int | None  # examples x epochs
     batch_size: int
     lora_rank: int
+    dtype: str = "bfloat16"  # what the base computed in: fp32 on a CPU without fast bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +275,13 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
                     and e.decode_tok_per_sec]
         if measured:
             e = max(measured, key=lambda e: e.rid)
-            text += f"; {e.decode_tok_per_sec:.1f} measured here [{e.rid}]"
+            # a record at another precision (fp32 on a CPU without fast bf16) is named as such, never passed off
+            other = "" if e.precision == PRECISION_WORDS[quantize] else f" at {e.precision}"
+            text += f"; {e.decode_tok_per_sec:.1f} measured here{other} [{e.rid}]"
         return text
 
     def filled(cell, name, quantize, command):
-        cell.pick, cell.precision = name, {"none": "bf16", "8bit": "8-bit", "4bit": "4-bit"}[quantize]
+        cell.pick, cell.precision = name, PRECISION_WORDS[quantize]
         cell.speed, cell.memory = speed(name, quantize), f"{gib(memory(name, quantize))} computed"
         cell.licence, cell.command = licence_text(name), command
         return cell
@@ -346,7 +352,8 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
         cell.number = (f"held-out exact match {t.before_metric:.0%} → {t.after_metric:.0%} "
                        f"({t.after[0]}/{t.after[1]}) [{t.rid}]")
         flops = training_flops(t.name, t.n_tokens or 0)
-        cell.speed = (f"{t.train_sec:.0f} s training measured on this repo's CPU [{t.rid}]" if not machine.gpu
+        at = "" if t.dtype == "bfloat16" else f" at {t.dtype.replace('float', 'fp')}"
+        cell.speed = (f"{t.train_sec:.0f} s training measured{at} on this repo's CPU [{t.rid}]" if not machine.gpu
                       and t.train_sec else f"{flops / GPU_TFLOPS_ASSUMED[1] / 1e12:.0f}–"
                       f"{flops / GPU_TFLOPS_ASSUMED[0] / 1e12:.0f} s training computed")
         cell.memory = f"{gib(training_bytes(t.name, gpu=machine.gpu, quantize=method, tunes=tunes))} computed"

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import common
+import records
 
 
 def test_results_are_written_atomically_with_schema(tmp_path):
