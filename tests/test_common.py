@@ -46,28 +46,6 @@ def test_a_single_sample_has_no_spread_to_show():
     assert common.plus_minus(*common.mean_stddev([10.0, 14.0])) == "12.0 +- 2.8"
 
 
-def test_gguf_conversion_log_has_no_progress_bar(smollm2, tmp_path):
-    """Converting a GGUF writes our one line, not transformers' tqdm bar with its carriage returns (a log of a
-    conversion was full of them)."""
-    import os
-    import subprocess
-    import sys
-    spec = models.REGISTRY["smollm2-135m"]
-    package, version, _, _ = spec.gguf_wheel
-    gguf = common.MODELS_DIR / ".wheels" / f"{package}-{version}" / spec.gguf_file
-    if not gguf.is_file():
-        pytest.skip(f"no cached {spec.gguf_file}")
-    code = (f"from pathlib import Path; import models\n"
-            f"models.convert_gguf(Path({str(gguf)!r}), Path({str(tmp_path / 'out')!r}), 'float32')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          cwd=common.REPO_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-2000:]
-    assert "Converting SmolLM2-135M-Instruct.Q4_1.gguf" in log
-    assert "\r" not in log and "de-quantizing" not in log, log[-500:]
-    assert (tmp_path / "out" / "config.json").is_file()
-
-
 def test_memory_reading_is_the_process_rss_on_cpu_and_the_monitor_peaks_above_it():
     now, kind = common.memory_reading("cpu")
     peak, _ = common.memory_reading("cpu", peak=True)
