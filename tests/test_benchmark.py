@@ -1,5 +1,6 @@
 """benchmark.py: statistics with known values, and real end-to-end runs on a tiny model (record, samples log, resume,
 Ctrl-C, failures). HumanEval's own tests are in test_humaneval.py, MMLU's in test_mmlu.py."""
+import dataclasses
 import json
 import math
 import subprocess
@@ -69,6 +70,7 @@ def test_end_to_end_tiny_run_writes_a_valid_record(tiny_models, results_dir, cap
     assert {s["task_id"] for s in samples if s["phase"] == "humaneval"} == set(human["problem_ids"])
     assert all("completion" in s and "result" in s for s in samples if s["phase"] == "humaneval")
     assert record["environment"]["versions"]["torch"] and record["config"]["seed"] == 1234
+    assert record["config"]["humaneval_batch_size"] == 0 and human["batch_size"] == 2  # automatic: both problems
     # --resume on a complete record does nothing and writes no second record
     assert benchmark.main(["--models", str(tiny_models["llama"]), *TINY_RUN, "--results-dir", str(results_dir),
                            "--resume"]) == 0
@@ -146,6 +148,17 @@ def test_quick_sets_small_limits_that_flags_still_override():
     assert benchmark.parse_args(["--quick", "--mmlu-limit", "3"]).mmlu_limit == 3
     full = benchmark.parse_args([])
     assert full.models.split(",") == models.SEED_MODELS and full.mmlu_limit == 0 and full.mmlu_shots == 5
+
+
+def test_every_flag_is_a_setting_or_named_as_not_one():
+    """The record's config is built from Settings: a new measuring flag that is not a field would go unrecorded."""
+    args = benchmark.parse_args([])
+    fields = {f.name for f in dataclasses.fields(benchmark.Settings)}
+    assert set(vars(args)) == fields | set(benchmark.NOT_CONFIG) and not fields & set(benchmark.NOT_CONFIG)
+    settings = benchmark.Settings.from_args(benchmark.parse_args(["--humaneval-batch-size", "3", "--seed", "9"]))
+    config = benchmark.record_config("smollm2-135m", "4bit", settings)
+    assert config["humaneval_batch_size"] == 3 and config["seed"] == 9 and config["quantize"] == "4bit"
+    assert set(benchmark.RESUME_KEYS) <= set(config)
 
 
 def test_quick_regenerates_docs_with_our_results_dir(tmp_path, monkeypatch):
