@@ -74,13 +74,11 @@ def parse_args(argv=None):
                         help="longest completion per problem, in tokens (benchmark.py's default)")
     parser.add_argument("--batch-size", type=common.non_negative_int, default=0,
                         help="rows of the batched arm; 0 = automatic, from free memory, as benchmark.py")
-    parser.add_argument("--device", type=common.device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    # float32 by default: the comparison is about equal completions; bf16 may swap near-tied tokens (reported).
-    parser.add_argument("--dtype", choices=common.DTYPE_CHOICES, default="float32", help="weights and compute dtype")
     parser.add_argument("--reference-generate", action="store_true",
                         help="also run transformers' generate() at batch 1 (the pre-batching code) and compare")
-    common.add_common_flags(parser, results=False)
-    parser.add_argument("--seed", type=int, default=1234, help="seeds the problem subset, as benchmark.py")
+    # float32 by default: the comparison is about equal completions; bf16 may swap near-tied tokens (reported).
+    common.add_common_flags(parser, "--device", "--dtype", "--seed", "--threads", "--models-dir",
+                            defaults={"--dtype": "float32"})
     parser.add_argument("--out", type=Path, help="also write the figures as a JSON record here")
     return parser.parse_args(argv)
 

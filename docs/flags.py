@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ FLAGS_PAGE = REPO / "docs" / "FLAGS.md"
 # Every command a user runs, in the README's order. sandbox_launcher.py is not one: benchmark.py starts it.
 SCRIPTS = ("benchmark.py", "demo_chat.py", "download_models.py", "finetune_demo.py", "speculative_demo.py",
            "docs/generate.py", "docs/flags.py", "benchmarks/chat_ttft.py", "benchmarks/finetune_vs_trl.py",
-           "benchmarks/gpu_check.py", "benchmarks/mmlu_prefix_cache.py", "benchmarks/sandbox_canonical.py",
-           "benchmarks/speculative_replay.py", "data/make_finetune_data.py")
+           "benchmarks/gpu_check.py", "benchmarks/humaneval_batching.py", "benchmarks/mmlu_prefix_cache.py",
+           "benchmarks/sandbox_canonical.py", "benchmarks/speculative_replay.py", "data/make_finetune_data.py")
 # Defaults that depend on where the clone sits or on the environment are shown as the user would write them.
 PLACE_DEFAULTS = {str(common.MODELS_DIR): "models/", str(common.RESULTS_DIR): "results/",
                   str(common.REPO_DIR / "docs"): "docs/"}
@@ -67,6 +68,8 @@ def shown_default(action) -> str:
     if action.default is None or action.default is False or action.nargs == 0:
         return ""
     text = str(action.default)
+    if text not in PLACE_DEFAULTS and text.startswith(str(common.REPO_DIR) + os.sep):  # a file in the clone
+        text = os.path.relpath(text, common.REPO_DIR)
     return f"`{PLACE_DEFAULTS.get(text, text)}`" if text else "`''`"
 
 
