@@ -69,7 +69,8 @@ def generate_with_transformers(loaded, prompt: str, max_new_tokens: int) -> list
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default="qwen-coder-0.5b", help="registry name, folder, .gguf file or hub id")
-    parser.add_argument("--limit", type=common.positive_int, default=20, help="problems (benchmark.py's seeded choice and default count)")
+    parser.add_argument("--limit", type=common.positive_int, default=20,
+                        help="problems (benchmark.py's seeded choice and default count)")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=384,
                         help="longest completion per problem, in tokens (benchmark.py's default)")
     parser.add_argument("--batch-size", type=common.non_negative_int, default=0,

@@ -125,7 +125,8 @@ def test_left_padding_changes_nothing(tiny_llama):
     """A short prompt decoding beside a long one (left-padded in the cache) gets the logits it gets alone."""
     import torch
     tokenizer = tiny_llama.tokenizer
-    short, long = tokenizer("def add(a, b):")["input_ids"], tokenizer("import os, sys\nfor i in range(10):\n")["input_ids"]
+    short = tokenizer("def add(a, b):")["input_ids"]
+    long = tokenizer("import os, sys\nfor i in range(10):\n")["input_ids"]
     assert len(short) < len(long)
     device = torch.device("cpu")
 
