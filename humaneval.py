@@ -24,6 +24,7 @@ import time
 
 import common
 import models
+import transformers_internals as hf
 
 # Stop at the next top-level statement, as human-eval's paper and bigcode-evaluation-harness do: a completion
 # is the body of the prompt's function, and whatever the model writes after it is not scored.
@@ -113,17 +114,6 @@ def auto_batch_size(model, *, device: str, dtype: str, n_rows: int, longest_prom
     return max(1, min(cap, fits, n_rows))
 
 
-# KV-cache rows: one (keys, values) pair per layer, each [rows, kv_heads, columns, head_dim]. Reading a cache's
-# tensors and building a cache from tensors are transformers internals (checked on 5.24): kept to these two.
-def cache_tensors(cache) -> list:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def cache_from_tensors(tensors: list):
-    from transformers import DynamicCache
-    return DynamicCache(tensors)
-
-
 def pad_left(tensors: list, columns: int) -> list:
     """Cache tensors with `columns` empty columns in front (masked out by the attention mask, never attended)."""
     import torch.nn.functional as F
@@ -159,12 +149,12 @@ class DecodingBatch:
         with torch.inference_mode():
             logits = self.forward(ids, torch.ones_like(ids), None, cache).expand(len(rows), -1)
             tensors = [(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
-                       for k, v in cache_tensors(cache)]
+                       for k, v in hf.cache_layers(cache)]
             mask = torch.ones((len(rows), len(prompt_ids)), dtype=torch.long, device=self.device)
             positions = torch.full((len(rows), 1), len(prompt_ids), device=self.device)
             if self.rows:
                 width, new_width = self.mask.shape[1], mask.shape[1]
-                old = cache_tensors(self.cache)
+                old = hf.cache_layers(self.cache)
                 if new_width < width:
                     tensors, mask = pad_left(tensors, width - new_width), pad_mask_left(mask, width - new_width)
                 elif width < new_width:
@@ -174,7 +164,8 @@ class DecodingBatch:
                 logits = torch.cat([self.logits, logits])
             else:
                 tensors = [(k.contiguous(), v.contiguous()) for k, v in tensors]
-            self.cache, self.mask, self.positions, self.logits = cache_from_tensors(tensors), mask, positions, logits
+            self.cache = hf.cache_from_layers(tensors, batch_size=None, config=self.model.config)
+            self.mask, self.positions, self.logits = mask, positions, logits
         self.rows += rows
 
     def keep(self, kept: list[int]) -> None:
@@ -190,8 +181,9 @@ class DecodingBatch:
             index = torch.tensor(kept, device=self.device)
             mask = self.mask[index]
             cut = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-            self.cache = cache_from_tensors([(k[index, :, cut:], v[index, :, cut:])
-                                             for k, v in cache_tensors(self.cache)])
+            self.cache = hf.cache_from_layers([(k[index, :, cut:], v[index, :, cut:])
+                                               for k, v in hf.cache_layers(self.cache)],
+                                              batch_size=None, config=self.model.config)
             self.mask, self.positions, self.logits = mask[:, cut:], self.positions[index], self.logits[index]
 
     def step(self) -> None:
@@ -206,8 +198,8 @@ class DecodingBatch:
     def forward(self, ids, mask, positions, cache):
         """The last position's float32 logits per row; the cache is extended in place. position_ids count a row's
         real tokens only, so a left-padded row sees the same positions as alone."""
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **{models.cache_keyword(self.model): cache}).logits
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                            **hf.cache_inputs(self.model, cache)).logits
         return logits[:, -1].float()
 
 

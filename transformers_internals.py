@@ -55,13 +55,15 @@ def cache_layers(cache) -> list:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def cache_from_layers(layers: list, *, batch_size: int, config):
-    """A fresh cache holding `layers` (from cache_layers of a batch-1 cache) for each of batch_size rows. The rows
-    are expanded views, not copies: update() concatenates new tokens into new tensors, so the views are only read
-    and one prefix serves batch after batch."""
+def cache_from_layers(layers: list, *, batch_size: int | None, config):
+    """A fresh cache holding `layers` (one (keys, values) pair per layer, as cache_layers gives them).
+    batch_size: a batch-1 cache's layers for each of batch_size rows, as expanded views, not copies (update()
+    concatenates new tokens into new tensors, so the views are only read and one prefix serves batch after batch).
+    None: the tensors as they are, rows padded or selected by the caller (humaneval's decoding batch)."""
     from transformers import DynamicCache
-    return DynamicCache([(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in layers],
-                        config=config)
+    if batch_size is not None:
+        layers = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in layers]
+    return DynamicCache(list(layers), config=config)
 
 
 def cache_keyword(model) -> str:

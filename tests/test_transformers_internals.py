@@ -56,6 +56,9 @@ def test_a_cache_built_from_layers_continues_like_the_original(model):
         whole = model(input_ids=torch.cat([prefix, rest], dim=1), use_cache=False).logits[:, -3:]
     assert rebuilt.get_seq_length() == 12
     torch.testing.assert_close(continued, whole.expand(2, -1, -1), atol=1e-4, rtol=1e-4)
+    as_they_are = hf.cache_from_layers([(k[:1], v[:1]) for k, v in hf.cache_layers(rebuilt)], batch_size=None,
+                                       config=model.config)  # rows the caller selected (humaneval's batch)
+    assert [k.shape for k, _ in hf.cache_layers(as_they_are)] == [k[:1].shape for k, _ in hf.cache_layers(rebuilt)]
 
 
 def test_a_negative_crop_drops_exactly_the_tokens_past_the_kept_prefix(model):
