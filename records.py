@@ -103,6 +103,7 @@ _MMLU = {"n_shots": int, "fewshot_source": frozenset({"dev_first_n", "test_first
                        "prompt_format": frozenset({"lm_eval_mmlu"}), "add_special_tokens": bool}}
 _HUMANEVAL = {"n_problems": int, "n_samples_per_problem": int, "pass_at_1?": NUMBER, "stderr?": NUMBER,
               "ci95_low?": NUMBER, "ci95_high?": NUMBER, "n_passed": int, "max_new_tokens": int,
+              "batch_size?": int,  # rows generated together (null: before batching)
               "problem_ids?": [str], "timeout_sec?": NUMBER, "prompt_format?": frozenset({"plain_completion"}),
               "isolation?": ISOLATION,  # null: a record from before the level was written down
               "sandbox?": {"isolation?": ISOLATION, "layers?": {"*": bool}, "interpreter?": str,
@@ -131,7 +132,7 @@ _PAIR = {"draft": _MODEL, "target": _MODEL, "dtype": str, "temperature": NUMBER,
 
 # (current schema_version, what a record of that version holds beyond the envelope), per kind.
 SCHEMAS = {
-    "benchmark": (2, {"model": {**_MODEL, "weights_on_disk_bytes?": int}, "load_sec?": NUMBER, "mmlu?": _MMLU,
+    "benchmark": (3, {"model": {**_MODEL, "weights_on_disk_bytes?": int}, "load_sec?": NUMBER, "mmlu?": _MMLU,
                       "humaneval?": _HUMANEVAL, "speed?": _SPEED, "memory?": _MEMORY, "samples_file?": str,
                       "run_sec?": NUMBER, "errors": [{"phase": str, "error": str}]}),
     "finetune": (2, {"model": _MODEL,
@@ -348,14 +349,18 @@ _FROM_V1 = {"benchmark": _benchmark_v1, "speculative": _speculative_v1,
 
 def upgrade(record: dict) -> dict:
     """An older record in its kind's current shape (a copy); the current version comes back unchanged. Version 1
-    held absolute paths and sentences; every kind's version 2 holds portable paths and identifiers."""
+    held absolute paths and sentences; every kind's version 2 holds portable paths and identifiers; benchmark's
+    version 3 adds humaneval.batch_size."""
     kind, version = record.get("kind"), record.get("schema_version")
-    if not _known(kind) or version == VERSIONS[kind] or version != 1:
+    if not _known(kind) or version == VERSIONS[kind] or version not in (1, 2):
         return record
-    record = _portable(json.loads(json.dumps(record)))
-    if kind in _FROM_V1:
-        _FROM_V1[kind](record)
-    record["schema_version"] = 2
+    record = json.loads(json.dumps(record))
+    if version == 1:
+        record = _portable(record)
+        if kind in _FROM_V1:
+            _FROM_V1[kind](record)
+    # benchmark version 3 only adds humaneval.batch_size (rows generated together), null for older records
+    record["schema_version"] = VERSIONS[kind]
     return record
 
 

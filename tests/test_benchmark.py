@@ -165,8 +165,9 @@ def test_quick_regenerates_docs_with_our_results_dir(tmp_path, monkeypatch):
     from types import SimpleNamespace
     calls = []
     monkeypatch.setattr(benchmark.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
-    benchmark.regenerate_docs(tmp_path, console=SimpleNamespace(print=print))
-    assert calls and calls[0][1].endswith("docs/generate.py") and calls[0][-1] == str(tmp_path.resolve())
+    benchmark.regenerate_docs(tmp_path, tmp_path / "page", console=SimpleNamespace(print=print))
+    assert calls and calls[0][1].endswith("docs/generate.py")
+    assert calls[0][2:] == ["--results-dir", str(tmp_path.resolve()), "--docs-dir", str((tmp_path / "page").resolve())]
 
 
 def test_all_models_failing_is_a_failed_run_with_one_total(tmp_path, results_dir):

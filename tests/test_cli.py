@@ -252,7 +252,7 @@ def test_quick_writes_the_page_into_the_docs_folder_asked_for(tmp_path, monkeypa
     repository's docs/ (the measuring itself is replaced: the benchmark tests cover it)."""
     import benchmark
     monkeypatch.setattr(benchmark, "benchmark_one", lambda *a, **k: "complete")
-    monkeypatch.setattr(benchmark, "hub_reachable", lambda: False)
+    monkeypatch.setattr(benchmark.hub, "hub_reachable", lambda: False)
     page = REPO / "docs" / "COMPARISON.md"
     before = page.stat().st_mtime_ns
     docs = tmp_path / "my-page"

@@ -106,7 +106,7 @@ def test_every_kind_has_a_version_and_result_record_uses_it():
 
 def test_foreign_and_future_records_are_named_not_read():
     assert records.load([1, 2])[1] == "not a billion-llm results record (no schema_version/kind)"
-    assert "(1 to 2 for benchmark)" in records.load({**current("benchmark"), "schema_version": 3})[1]
+    assert "(1 to 3 for benchmark)" in records.load({**current("benchmark"), "schema_version": 4})[1]
     assert "unknown kind ['benchmark']" in records.load({**current("benchmark"), "kind": ["benchmark"]})[1]
     broken = v1("speculative-greedy")
     broken["lossless"] = "checked"  # too broken to upgrade: named, not a traceback
@@ -127,7 +127,8 @@ def test_portable_path_keeps_the_repository_layout_and_drops_everyone_elses():
 # -------------------------------------------------------------------------------------------- version 1
 def test_version_1_benchmark_keeps_its_numbers_and_loses_its_sentences():
     old, new = v1("benchmark"), current("benchmark")
-    assert new["schema_version"] == 2 and records.record_error(new) is None
+    assert new["schema_version"] == 3 and records.record_error(new) is None
+    assert new["humaneval"].get("batch_size") is None  # version 3's one addition: unknown before batching
     assert new["mmlu"]["micro"] == old["mmlu"]["micro"] and new["speed"]["decode"]["tok_per_sec_samples"] == \
         old["speed"]["decode"]["tok_per_sec_samples"] and new["humaneval"]["n_passed"] == 13
     assert new["model"]["source"] == "qwen-coder-0.5b" and new["config"]["results_dir"] == "results"
@@ -225,3 +226,10 @@ def test_committed_records_hold_no_absolute_path_and_no_prose():
                 continue
             assert not text.startswith(("/", "~")), f"{path.name} {where}: {text[:60]}"
             assert len(text) <= 120, f"{path.name} {where}: {len(text)} characters of prose"
+
+
+def test_version_2_benchmark_reads_as_version_3_with_no_batch_size():
+    two = {**current("benchmark"), "schema_version": 2}
+    three, error = records.load(two)
+    assert error is None and three["schema_version"] == 3 and three["humaneval"]["batch_size"] is None
+    assert three["mmlu"] == two["mmlu"] and three["speed"] == two["speed"]
