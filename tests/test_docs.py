@@ -67,7 +67,7 @@ def benchmark(name, quant="none", dtype="bfloat16", created="2025-06-01T10:00:00
     if env["device"] == "cuda":
         memory.update(peak_vram_allocated_bytes=weights + 300_000_000, peak_vram_nvml_bytes=weights + 500_000_000)
     passed, problems = humaneval
-    return {"schema_version": 2, "kind": "benchmark", "created_at": created, "status": status,
+    return {"schema_version": records.VERSIONS["benchmark"], "kind": "benchmark", "created_at": created, "status": status,
             "config": {"models": [name], "quantize": [quant]}, "environment": env,
             "model": {"name": name, "hub_id": models.REGISTRY[name].hub_id if name in models.REGISTRY else None,
                       "source": name, "revision": "b179c9523d0e6a0f98a330c7562b68",
@@ -365,7 +365,7 @@ def test_malformed_and_foreign_files_are_named_and_skipped(good_results, tmp_pat
         assert f"skipped {name}:" in err and f"`{name}`" in skipped, name
     for reason in ("$.model.dtype: missing", "$.mmlu.categories.world_religions.n: expected int, got str",
                    "$.mmlu.micro.accuracy: expected a number, got bool",
-                   "schema_version 0 is not one this code reads (1 to 2 for benchmark)",
+                   "schema_version 0 is not one this code reads (1 to 3 for benchmark)",
                    "unknown kind 'mystery'", "$.mmlu.micro: n_correct 41 is not between 0 and n = 40"):
         assert reason in skipped, reason
     assert "qwen-coder-0.5b bf16" in section(text, "## Measured here")  # the good records still render

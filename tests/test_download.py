@@ -750,7 +750,8 @@ def test_a_good_model_this_user_cannot_read_is_not_called_damaged(tiny_models):
     root = Path(tempfile.mkdtemp(prefix="bllm-perm-", dir="/tmp"))  # pytest's own tmp folder is private to root
     code, folder = root / "code", shutil.copytree(tiny_models["llama"], root / "someone-elses-model")
     code.mkdir()
-    for name in ("common.py", "models.py", "records.py", "hub.py"):  # stdlib-only at import: any Python runs it
+    # stdlib-only at import: any Python runs them
+    for name in ("common.py", "models.py", "records.py", "hub.py", "transformers_internals.py"):
         shutil.copy(common.REPO_DIR / name, code / name)
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -429,7 +429,7 @@ def start_driver(path: str):
     if uid is not None:  # the clone may sit in a folder only root can enter (mktemp -d is 0700): copy what it imports
         code = root / "code"
         code.mkdir(mode=0o755)
-        for name in ("sandbox.py", "sandbox_launcher.py"):
+        for name in ("sandbox.py", "sandbox_launcher.py", "records.py"):
             shutil.copy(REPO / name, code / name)
             (code / name).chmod(0o644)
     driver = subprocess.Popen([interpreter, "-c", DRIVER, str(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
