@@ -332,7 +332,7 @@ def summarize_humaneval(sample_lines: list[dict], task_ids: list[str], n_samples
 # rounding explains it: in bf16 a logit between 16 and 32 is a multiple of 0.125 and the error grows through
 # the layers, so a different batch shape can swap near-tied tokens; in fp32 only a gap under 1e-3 may flip.
 # (The same thresholds as speculative_demo's lossless check.)
-NEAR_TIE_LOGIT = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+NEAR_TIE_LOGIT = models.NEAR_TIE_LOGIT  # one threshold table for every lossless check
 
 
 def first_divergence(reference: dict, other: dict, dtype: str) -> dict | None:

@@ -129,6 +129,9 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
 ]}
 SEED_MODELS = [s.name for s in REGISTRY.values() if s.role == "seed"]
 DEFAULT_MODEL = "smollm2-135m"
+# The logit gap under which two tokens count as a rounding near-tie: a different batch or verify shape orders the
+# arithmetic differently, so it may swap them. In fp32 only a gap under 1e-3 may flip; anything wider is a bug.
+NEAR_TIE_LOGIT = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
 # Attention shapes from each model's config.json on the hub, so KV-cache arithmetic (docs/generate.py's fit
 # tables) needs no download: (layers, key/value heads, head size, maximum context tokens). Head size is
 # hidden_size / num_attention_heads where a config has no head_dim; no num_key_value_heads means one per head.

@@ -39,7 +39,7 @@ TARGET_METHODS = ("target_only", "target_generate")  # the baselines: speedups a
 # (logits): bf16 keeps 8 mantissa bits (a logit between 16 and 32 is a multiple of 0.125) and the error grows
 # through the layers, so a (k+1)-token verify pass and a 1-token decode can swap two near-tied tokens. In fp32
 # only a gap under 1e-3 may flip; anything wider is a bug.
-NEAR_TIE_LOGIT = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+NEAR_TIE_LOGIT = models.NEAR_TIE_LOGIT  # one threshold table for every lossless check
 INT8_DRAFT = "int8-dynamic"  # the draft's `quantization` once its Linear layers run in int8 (--draft-weights int8)
 KV_CONTEXT_TOKENS = 2048  # KV cache the memory preflight budgets for: prompt + new tokens + drafts
 
