@@ -179,7 +179,8 @@ def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples:
     n_passed, total = 0, len(task_ids) * n_samples
     with common.Progress(console, f"HumanEval (batch {rows})", total, already_done=total - len(jobs)) as progress:
         for job, generated in humaneval.generate_jobs(loaded, jobs, max_new_tokens=max_new_tokens,
-                                                      do_sample=n_samples > 1, batch_size=rows):
+                                                      do_sample=n_samples > 1, batch_size=rows,
+                                                      log=console.print):
             waiting[job.task_id].append((job, generated))
             if len(waiting[job.task_id]) < n_todo[job.task_id]:
                 continue
@@ -193,7 +194,8 @@ def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples:
     return {**summary, "problem_ids": task_ids, "seed": seed, "timeout_sec": timeout_sec,
             "decoding": "greedy" if n_samples == 1 else {"sampling": humaneval.SAMPLING},
             "max_new_tokens": max_new_tokens, "stop_sequences": list(humaneval.STOP_SEQUENCES),
-            "batch_size": rows, "prompt_format": humaneval.PROMPT_FORMAT,
+            "batch_size": rows, "kernels": humaneval.kernels_used(loaded, rows),
+            "prompt_format": humaneval.PROMPT_FORMAT,
             "isolation": protections["isolation"], "sandbox": protections}
 
 

@@ -227,10 +227,14 @@ def environment(device: str = "cpu", *, torch_readings: bool = True) -> dict:
                     "httpx2", "datasets", "gguf", "safetensors"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-    gpu, torch_threads = None, None
+    gpu, torch_threads, capability = None, None, None
     if torch_readings:
         import torch
         torch_threads = torch.get_num_threads()
+        # The vector instructions torch's CPU kernels use (AVX2, AVX512...): two CPUs of one name can differ, and
+        # bf16 is several times slower than fp32 without AVX512-BF16.
+        with contextlib.suppress(AttributeError, RuntimeError):
+            capability = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             gpu = {"name": props.name, "total_memory_bytes": props.total_memory,
@@ -240,7 +244,7 @@ def environment(device: str = "cpu", *, torch_readings: bool = True) -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or None
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-            "n_cpu": os.cpu_count(), "torch_threads": torch_threads,
+            "n_cpu": os.cpu_count(), "cpu_capability": capability, "torch_threads": torch_threads,
             "ram_total_bytes": psutil.virtual_memory().total, "device": device, "gpu": gpu,
             "versions": versions, "git_commit": commit}
 

@@ -1,13 +1,15 @@
 """CPU speed-ups that lean on private or deprecated torch ops, fenced in one file.
 
-Two swaps of nn.Linear layers, both for the speculative pair on CPU (speculative_pair.load_pair):
+Two swaps of nn.Linear layers:
 - oneDNN pre-packed weights (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise, what torch.compile's
-  CPU freezing does): a verify pass over k+1 tokens then costs about one decode step.
+  CPU freezing does): a forward over several rows costs little more than one. The speculative pair's verify pass
+  (k+1 tokens) and HumanEval's batched decoding (one token for each of up to 16 rows) lean on it;
+  `packed_while` undoes the swap afterwards, bit for bit, where the stock kernels serve the next phase better.
 - int8 dynamic-quantized Linear layers for the draft (torch.quantize_per_channel, torch.ops.quantized.*, run by
   fbgemm): a draft step reads half the bytes.
 
-Verified on torch 2.15.0 (the project's venv, x86-64 with AVX-512). The ops are private (mkldnn) or deprecated
-(quantized), so each swap first asks whether its ops are there; if not, it logs ONE line and leaves the stock
+Verified on torch 2.15.0 (the project's venv; x86-64 with AVX-512, and with AVX2 only). The ops are private
+(mkldnn) or deprecated (quantized), so each swap first asks whether its ops are there; if not, it logs ONE line and leaves the stock
 kernels in place: slower, never wrong. tests/test_cpu_kernels.py fails loudly when an op disappears, so an upgrade
 cannot make the demo silently slower.
 
@@ -77,6 +79,13 @@ def packed_linear_class():
 
         def forward(self, x):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+        def unpacked(self):
+            """The nn.Linear back, its weight read out of the packed one (the same numbers, bit for bit)."""
+            linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+            linear.weight = torch.nn.Parameter(self.packed_weight.to_dense(), requires_grad=False)
+            linear.bias = self.bias
+            return linear
     return PackedLinear
 
 
@@ -116,21 +125,25 @@ def int8_linear_class():
     return Int8Linear
 
 
-def swap_linears(model, make) -> int:
-    """Replace every plain nn.Linear of a model with make(linear); returns how many were swapped."""
+def swap_linears(model, make, *, only=None) -> int:
+    """Replace every plain nn.Linear of a model (or of type `only`) with make(linear); returns how many."""
     import torch
     n = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear:  # exact type: bitsandbytes' Linear4bit subclasses nn.Linear
+            if type(child) is (only or torch.nn.Linear):  # exact type: bitsandbytes' Linear4bit subclasses nn.Linear
                 setattr(module, name, make(child))
                 n += 1
-    # The replaced weights go back to glibc's heap, not to the OS: without a trim the process keeps both copies
-    # (measured: 4.5 instead of 3.2 GiB RSS for Qwen2.5-Coder-0.5B in fp32).
+    release_freed_memory()
+    return n
+
+
+def release_freed_memory() -> None:
+    """Replaced weights go back to glibc's heap, not to the OS: without a trim the process keeps both copies
+    (measured: 4.5 instead of 3.2 GiB RSS for Qwen2.5-Coder-0.5B in fp32)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return n
 
 
 def pack_linears(model, *, dtype: str, log) -> int:
@@ -142,6 +155,34 @@ def pack_linears(model, *, dtype: str, log) -> int:
         log(f"cpu kernels: torch's stock Linear kernels ({problem}).")
         return 0
     return swap_linears(model, packed_linear_class())
+
+
+@contextlib.contextmanager
+def packed_while(model, *, dtype: str, log):
+    """Every plain nn.Linear pre-packed for oneDNN inside the block, the stock layers back after it; yields the
+    number packed (0: stock kernels throughout, with pack_linears' one logged line). For batched decoding: on an
+    AVX2 CPU a Qwen2.5-Coder-0.5B fp32 step over 8 rows took 0.46 s packed against 1.00 s stock, while one row
+    took 0.34 s packed against 0.28 s stock (torch's GEMV), so single-row phases get the stock layers back.
+    A weight tied to another module (a shared embedding/LM head) is packed as a copy and its own layer put
+    back, so the tie survives; untied weights are unpacked from the packed copy (no second copy is kept)."""
+    if packing_problem(dtype) is not None:
+        yield pack_linears(model, dtype=dtype, log=log)  # logs why, packs nothing
+        return
+    counts = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        counts[id(parameter)] = counts.get(id(parameter), 0) + 1
+    packed_class, tied = packed_linear_class(), {}
+
+    def pack(linear):
+        packed = packed_class(linear)
+        if counts.get(id(linear.weight), 0) > 1:  # its weight lives on in the tie anyway: keep the layer itself
+            tied[id(packed)] = linear
+        return packed
+    n = swap_linears(model, pack)
+    try:
+        yield n
+    finally:
+        swap_linears(model, lambda packed: tied.get(id(packed)) or packed.unpacked(), only=packed_class)
 
 
 def quantize_linears_int8(model, *, log) -> int:

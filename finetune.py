@@ -24,6 +24,7 @@ from pathlib import Path
 import common
 import models
 import records
+import transformers_internals as hf
 
 RUNS_DIR = common.REPO_DIR / "runs"
 TASK_NAME = "order-records"
@@ -70,6 +71,13 @@ class Recipe:
     max_length: int = setting(256, common.positive_int, "longest training sequence in tokens (ours are ~60-90)")
     padding_free: bool = setting(False, bool, "flatten each batch into one sequence instead of padding it "
                                               "(pays off with flash-attn, not on CPU: see sft_config)")
+    # LoRA on the top share of the decoder layers: the frozen layers below then compute the same thing in every
+    # epoch, so each training example runs through them once, without gradients, and their output is replayed;
+    # backward stops at the lowest adapted layer. Not the default: on SmolLM2-135M, adapters on the top third
+    # reached 42% held-out exact match against 78% on every layer (same steps and learning rate).
+    lora_top_share: float = setting(1.0, common.probability,
+                                    "share of the decoder layers, counted from the top, that get LoRA (1: all); "
+                                    "the frozen ones below run once per example and are reused")
     # Our sequences are ~80 tokens: recomputing activations (trl's default) would only cost time.
     gradient_checkpointing: bool = setting(False, bool, "recompute activations in the backward pass (saves "
                                                         "memory, costs ~30%% time)")
@@ -310,11 +318,63 @@ def pick_samples(examples, before_answers, after_answers) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- training
-def lora_config(recipe: Recipe):
+def lora_config(recipe: Recipe, model=None):
+    """peft's LoraConfig for the recipe; with the model, adapters on its top lora_top_share of decoder layers."""
     from peft import LoraConfig
     targets = recipe.target_modules if recipe.target_modules == "all-linear" else recipe.target_modules.split(",")
+    n_bottom = frozen_bottom_layers(recipe, model) if model is not None else 0
+    where = {}
+    if n_bottom:  # peft takes layers_to_transform with a list of names only: "all-linear" spelled out
+        layers = hf.decoder_layers(model)
+        where = {"layers_to_transform": list(range(n_bottom, len(layers))), "layers_pattern": "layers"}
+        if targets == "all-linear":
+            targets = linear_names(layers[0])
     return LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM", **where)
+
+
+def linear_names(layer) -> list[str]:
+    """The names of a decoder layer's Linear layers (4-bit ones included), as peft's target_modules takes them."""
+    import torch
+    return sorted({name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def frozen_bottom_layers(recipe: Recipe, model) -> int:
+    """How many decoder layers at the bottom get no adapter: all but the top lora_top_share (at least one layer
+    adapted); 0 where the model's layers cannot be skipped (transformers_internals.decoder_layers) or its head is
+    not plain (the trainer then uses trl's own loss)."""
+    layers = hf.decoder_layers(model)
+    if layers is None or recipe.lora_top_share >= 1 or not models.plain_lm_head(model):
+        return 0
+    return len(layers) - max(1, round(recipe.lora_top_share * len(layers)))
+
+
+class FrozenBottom:
+    """The hidden states leaving the frozen bottom layers, per training example (its token ids), computed once
+    alone (no padding, no gradients) and reused in every epoch; a batch gets them back padded on the right."""
+
+    def __init__(self, model, n_bottom: int):
+        self.model, self.n_bottom, self.saved = model, n_bottom, {}
+        self.n_computed = self.n_reused = 0
+
+    def batch(self, input_ids, attention_mask):
+        """[batch, seq, hidden] for a right-padded batch, or None when it is not right-padded (no reuse then)."""
+        import torch
+        lengths = attention_mask.sum(1)
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        if not bool((attention_mask.bool() == (columns[None] < lengths[:, None])).all()):
+            return None
+        rows = []
+        for ids, length in zip(input_ids, lengths.tolist()):
+            key = tuple(ids[:length].tolist())
+            if key not in self.saved:
+                with torch.no_grad():
+                    self.saved[key] = hf.bottom_hidden(self.model, self.n_bottom, input_ids=ids[None, :length])[0]
+                self.n_computed += 1
+            else:
+                self.n_reused += 1
+            rows.append(self.saved[key])
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)[:, :input_ids.shape[1]]
 
 
 def sft_config(recipe: Recipe, *, output_dir: Path, device: str, dtype: str):
@@ -342,12 +402,21 @@ def answer_only_trainer_class():
     from trl import SFTTrainer
 
     class AnswerOnlyLossTrainer(SFTTrainer):
+        frozen_bottom: FrozenBottom | None = None  # set by train() when the bottom layers carry no adapter
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             unwrapped = self.accelerator.unwrap_model(model)
             if not models.plain_lm_head(unwrapped.get_base_model()):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = dict(inputs)
-            nll, n_answer_tokens, outputs = answer_nll(unwrapped, inputs.pop("labels"), **inputs)
+            labels = inputs.pop("labels")
+            hidden = self.frozen_bottom.batch(inputs["input_ids"], inputs["attention_mask"]) \
+                if self.frozen_bottom and set(inputs) == {"input_ids", "attention_mask"} else None
+            if hidden is None:
+                nll, n_answer_tokens, outputs = answer_nll(unwrapped, labels, **inputs)
+            else:
+                with hf.skip_bottom_layers(unwrapped, self.frozen_bottom.n_bottom, hidden):
+                    nll, n_answer_tokens, outputs = answer_nll(unwrapped, labels, **inputs)
             n_tokens = num_items_in_batch if num_items_in_batch is not None else n_answer_tokens
             loss = nll / torch.as_tensor(n_tokens, device=nll.device).clamp(min=1)
             return (loss, outputs) if return_outputs else loss
@@ -496,9 +565,12 @@ def train(loaded, examples: list[dict], *, recipe: Recipe, output_dir: Path, res
     config = sft_config(recipe, output_dir=output_dir, device=loaded.device, dtype=loaded.dtype)
     monitor = common.MemoryMonitor(loaded.device, interval_sec=0.05)
     callback = make_progress_callback(console, monitor, loaded.device, cpu_threads)
+    n_bottom = frozen_bottom_layers(recipe, loaded.model)
     trainer = answer_only_trainer_class()(model=loaded.model, args=config, train_dataset=dataset,
-                                          processing_class=loaded.tokenizer, peft_config=lora_config(recipe),
-                                          callbacks=[callback])
+                                          processing_class=loaded.tokenizer,
+                                          peft_config=lora_config(recipe, loaded.model), callbacks=[callback])
+    if n_bottom:
+        trainer.frozen_bottom = FrozenBottom(trainer.model, n_bottom)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; our callback shows the progress
     completion_check = verify_completion_only(trainer, loaded.tokenizer, spec, examples[0])
     resume_from, earlier = None, {}
@@ -529,8 +601,20 @@ def train(loaded, examples: list[dict], *, recipe: Recipe, output_dir: Path, res
               "tokens_per_sec": part["n_tokens"] / part["train_sec"] if part["train_sec"] else None,
               "step_sec_mean": statistics.fmean(steps) if steps else None,
               "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
-              "completion_only_loss": completion_check, "interrupted": STOP_FLAG["requested"]}
+              "completion_only_loss": completion_check, "interrupted": STOP_FLAG["requested"],
+              "lora_layers": lora_layers(trainer, loaded.model)}
     return {"trainer": trainer, "model": trainer.model, "record": record, "initial_weights": initial}
+
+
+def lora_layers(trainer, model) -> dict | None:
+    """Which decoder layers carried adapters, and how often the frozen layers' output was computed and reused."""
+    layers = hf.decoder_layers(model)
+    bottom = trainer.frozen_bottom
+    if layers is None:
+        return None
+    return {"n_layers": len(layers), "n_adapted": len(layers) - (bottom.n_bottom if bottom else 0),
+            "frozen_outputs_computed": bottom.n_computed if bottom else 0,
+            "frozen_outputs_reused": bottom.n_reused if bottom else 0}
 
 
 # ------------------------------------------------------------------------------------------------- runs

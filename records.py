@@ -83,8 +83,8 @@ def finite(value):
 # ---------------------------------------------------------------------------------------------- schema
 STATUS = frozenset({"complete", "partial", "failed"})
 ISOLATION = frozenset({"namespaces+uid", "namespaces", "uid", "none"})  # sandbox.py's levels
-_ENVIRONMENT = {"python": str, "platform": str, "cpu?": str, "n_cpu?": int, "torch_threads?": int,
-                "ram_total_bytes?": int, "device": str,
+_ENVIRONMENT = {"python": str, "platform": str, "cpu?": str, "n_cpu?": int, "cpu_capability?": str,
+                "torch_threads?": int, "ram_total_bytes?": int, "device": str,
                 "gpu?": {"name": str, "total_memory_bytes?": int, "capability?": str, "cuda?": str},
                 "versions": {"*": str}, "git_commit?": str}
 _ENVELOPE = {"schema_version": int, "kind": str, "created_at": str, "status": STATUS, "config": dict,
@@ -104,6 +104,7 @@ _MMLU = {"n_shots": int, "fewshot_source": frozenset({"dev_first_n", "test_first
 _HUMANEVAL = {"n_problems": int, "n_samples_per_problem": int, "pass_at_1?": NUMBER, "stderr?": NUMBER,
               "ci95_low?": NUMBER, "ci95_high?": NUMBER, "n_passed": int, "max_new_tokens": int,
               "batch_size?": int,  # rows generated together (null: before batching)
+              "kernels?": frozenset({"stock", "onednn_packed"}),  # CPU Linear kernels while decoding (null: stock)
               "problem_ids?": [str], "timeout_sec?": NUMBER, "prompt_format?": frozenset({"plain_completion"}),
               "isolation?": ISOLATION,  # null: a record from before the level was written down
               "sandbox?": {"isolation?": ISOLATION, "layers?": {"*": bool}, "interpreter?": str,
@@ -145,7 +146,8 @@ SCHEMAS = {
                      "before": _HELDOUT, "after": _HELDOUT, "samples": [dict], "checks": dict, "adapter_dir?": str,
                      "run_sec?": NUMBER,
                      # benchmarks/finetune_vs_trl.py adds TRL's numbers beside ours, measured in the same run
-                     "baseline?": {"train_sec?": NUMBER, "cpu_sec?": NUMBER, "peak_rss_bytes?": NUMBER,
+                     "baseline?": {"arm?": frozenset({"trl", "trl-fp32"}), "train_sec?": NUMBER, "cpu_sec?": NUMBER,
+                                   "peak_rss_bytes?": NUMBER,
                                    "after_metric?": NUMBER, "ratio_time?": NUMBER, "n_rounds": int}}),
     # ratios: each method's paired ratios from interleaved rounds; null in records from before they were measured
     # (their speedup_by_prompt is then a one-pass speed-up). ours_method: the variant the headline reports.

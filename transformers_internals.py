@@ -4,7 +4,9 @@ Everything here leans on a part of transformers that is private, undocumented, o
 releases: the KV cache's per-layer tensors (`DynamicCache.layers[i].keys`), a `DynamicCache` built from a list
 of (keys, values), a negative `crop`, the forward keyword that takes the cache (`past_key_values` became
 `cache`), where the output head sits and when it is a plain Linear, the module the chat imports ahead of time,
-and GenerationConfig's private assisted-generation defaults. No other file of ours touches these.
+and GenerationConfig's private assisted-generation defaults, and the decoder-layer list that a LoRA run on the top
+layers skips the frozen bottom of (`backbone.layers`, each layer called with the hidden states first and
+returning them). No other file of ours touches these.
 
 Checked on transformers VERIFIED_TRANSFORMERS (the pin in requirements.txt; tests/test_transformers_internals.py
 checks both). After an upgrade, that test names the piece that vanished or changed, so a release cannot break a
@@ -16,6 +18,7 @@ run silently. Heavy imports stay inside functions, and this file imports nothing
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 VERIFIED_TRANSFORMERS = "5.24.0"  # every function below was checked on this release (the pin in requirements.txt)
@@ -131,6 +134,64 @@ def head_logits(model, *, positions, float32: bool, cache=None, **inputs):
         return head(hidden)
     bias = head.bias.float() if head.bias is not None else None
     return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+
+# ----------------------------------------------------------------------------------------- decoder layers
+def decoder_layers(model):
+    """The backbone's decoder layers (a ModuleList at backbone.layers), or None where a model is not built so,
+    or where its layers are not interchangeable (mixed attention types, e.g. Gemma 3's sliding and full layers,
+    which the backbone picks by index)."""
+    import torch
+    backbone = unwrap(model).base_model
+    layers = getattr(backbone, "layers", None)
+    config = unwrap(model).config.get_text_config()
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != config.num_hidden_layers:
+        return None
+    if len(set(getattr(config, "layer_types", None) or ["one"])) > 1:
+        return None
+    return layers
+
+
+def _replay_layer(hidden):
+    """A stand-in decoder layer that ignores its input and returns `hidden` (None: passes its input on)."""
+    import torch
+
+    class Replay(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states if hidden is None else hidden
+    return Replay()
+
+
+def bottom_hidden(model, n_bottom: int, **inputs):
+    """The hidden states entering decoder layer n_bottom (what the bottom n_bottom layers output), computed by
+    the backbone with its later layers cut off."""
+    layers = decoder_layers(model)
+    backbone = unwrap(model).base_model
+    captured = {}
+    hook = layers[n_bottom - 1].register_forward_hook(lambda module, args, output: captured.update(hidden=output))
+    backbone.layers = layers[:n_bottom]
+    try:
+        backbone(**inputs, use_cache=False)
+    finally:
+        backbone.layers = layers
+        hook.remove()
+    return captured["hidden"]
+
+
+@contextlib.contextmanager
+def skip_bottom_layers(model, n_bottom: int, hidden):
+    """Within the block, the backbone's bottom n_bottom layers do no work: the first hands on `hidden` (what they
+    would output, from bottom_hidden), the rest pass it through, so the layers above see the same inputs at the
+    same indices (the backbone picks per-layer masks by index)."""
+    layers = decoder_layers(model)
+    saved = [layers[i] for i in range(n_bottom)]
+    for i in range(n_bottom):
+        layers[i] = _replay_layer(hidden if i == 0 else None)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
 
 
 # ---------------------------------------------------------------------------------------------- generation

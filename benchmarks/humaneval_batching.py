@@ -13,6 +13,7 @@ the code benchmark.py ran before batching, to show the completions are the same 
 
     python benchmarks/humaneval_batching.py --threads 1                  # qwen-coder-0.5b, 20 problems, fp32
     python benchmarks/humaneval_batching.py --dtype bfloat16 --limit 16 --threads 1 --out /tmp/he_batch.json
+    python benchmarks/humaneval_batching.py --cpu-kernels stock --threads 1  # batching alone, without packing
 """
 from __future__ import annotations
 
@@ -30,14 +31,16 @@ TARGET_RATIO = 3.0  # the issue's goal: batched >= 3x batch size 1
 N_TOP_LOGITS = 8  # kept per step, to read the logit gap where two runs part
 
 
-def time_generation(loaded, jobs, *, batch_size: int, max_new_tokens: int) -> tuple[dict, float]:
-    """{task_id: result} of greedy generation at this batch size, and the seconds it took."""
+def time_generation(loaded, jobs, *, batch_size: int, max_new_tokens: int, cpu_kernels: str = "packed"
+                    ) -> tuple[dict, float]:
+    """{task_id: result} of greedy generation at this batch size, and the seconds it took (packing the weights
+    for a batched arm on CPU, and putting them back, included)."""
     import humaneval  # the code under test; imported here so that --help stays instant
     common.sync(loaded.device)
     start = time.perf_counter()
     results = {job.task_id: result for job, result in humaneval.generate_jobs(
         loaded, jobs, max_new_tokens=max_new_tokens, do_sample=False, batch_size=batch_size,
-        n_top_logits=N_TOP_LOGITS)}
+        n_top_logits=N_TOP_LOGITS, cpu_kernels=cpu_kernels)}
     common.sync(loaded.device)
     return results, time.perf_counter() - start
 
@@ -75,6 +78,9 @@ def parse_args(argv=None):
                         help="longest completion per problem, in tokens (benchmark.py's default)")
     parser.add_argument("--batch-size", type=common.non_negative_int, default=0,
                         help="rows of the batched arm; 0 = automatic, from free memory, as benchmark.py")
+    parser.add_argument("--cpu-kernels", choices=("packed", "stock"), default="packed",
+                        help="the batched arm's Linear kernels on CPU: oneDNN-packed weights (benchmark.py's choice) "
+                             "or torch's stock ones, to show what packing adds (batch 1 always runs stock)")
     parser.add_argument("--reference-generate", action="store_true",
                         help="also run transformers' generate() at batch 1 (the pre-batching code) and compare")
     # float32 by default: the comparison is about equal completions; bf16 may swap near-tied tokens (reported).
@@ -110,7 +116,8 @@ def run(argv=None) -> int:
     half = len(jobs) // 2
     results, seconds = {"batch_1": {}, "batched": {}}, {"batch_1": 0.0, "batched": 0.0}
     for arm, part, rows in (("batch_1", jobs[:half], 1), ("batched", jobs, batch_size), ("batch_1", jobs[half:], 1)):
-        found, sec = time_generation(loaded, part, batch_size=rows, max_new_tokens=args.max_new_tokens)
+        found, sec = time_generation(loaded, part, batch_size=rows, max_new_tokens=args.max_new_tokens,
+                                     cpu_kernels=args.cpu_kernels)
         results[arm].update(found)
         seconds[arm] += sec
         print(f"{arm} ({len(part)} problems, {sum(r['n_new_tokens'] for r in found.values())} tokens): {sec:.1f} s",
@@ -134,7 +141,8 @@ def run(argv=None) -> int:
         print(f"{row['task_id']:>14} {row['n_new_tokens']:4d} tokens: {note}")
     print(f"\n{loaded.resolved.label} {loaded.dtype} on {loaded.device} ({common.cpu_name()}, "
           f"{common.environment(loaded.device)['torch_threads']} threads), {len(jobs)} problems, {n_tokens} tokens, "
-          f"batch size {batch_size}")
+          f"batch size {batch_size}, batched arm's kernels: "
+          f"{humaneval.kernels_used(loaded, batch_size, args.cpu_kernels)}")
     for arm, sec in seconds.items():
         print(f"{arm:>22}: {sec:7.1f} s  {n_tokens / sec:6.2f} tok/s")
     print(f"speedup batched vs batch 1 {ratio:.2f}x (goal >= {TARGET_RATIO:.0f}x: "
@@ -146,6 +154,7 @@ def run(argv=None) -> int:
         record = common.result_record("humaneval_batching", vars(args), common.environment(loaded.device),
                                       model=loaded.identity(), n_problems=len(jobs), n_new_tokens=n_tokens,
                                       batch_size=batch_size, seconds=seconds, speedup=ratio,
+                                      kernels=humaneval.kernels_used(loaded, batch_size, args.cpu_kernels),
                                       identical_completions=identical, problems=rows,
                                       equal_to_transformers_generate=reference)
         print(f"written: {common.write_json_atomic(Path(args.out), record)}")

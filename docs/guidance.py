@@ -280,6 +280,10 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
             text += f"; {e.decode_tok_per_sec:.1f} measured here{other} [{e.rid}]"
         return text
 
+    def measured_at(e) -> str:
+        """Where the record ran at another precision than the pick names (fp32 on a CPU without fast bf16)."""
+        return "" if e.precision == PRECISION_WORDS[e.quantize] else f", measured at {e.precision}"
+
     def filled(cell, name, quantize, command):
         cell.pick, cell.precision = name, PRECISION_WORDS[quantize]
         cell.speed, cell.memory = speed(name, quantize), f"{gib(memory(name, quantize))} computed"
@@ -313,7 +317,7 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
     top = best(general, lambda e: e.mmlu)
     if top:
         filled(cells["chat"], top[0].name, top[0].quantize, chat_cmd(top[0].name, top[0].quantize))
-        cells["chat"].number = f"{top[0].mmlu_text} [{top[0].rid}]"
+        cells["chat"].number = f"{top[0].mmlu_text}{measured_at(top[0])} [{top[0].rid}]"
         if unmeasured:
             cells["chat"].note = (f"not measured here yet: {unmeasured['model']}, {unmeasured['benchmark']} "
                                   f"{unmeasured['value']}% *published*")
@@ -327,14 +331,15 @@ def pick_cells(machine: Machine, *, entries: list[Entry], tunes: list[Tune], dra
         coders = best([e for e in scored if is_coder(e.name)], lambda e: e.mmlu)
         if coders:
             filled(cells["chat"], coders[0].name, coders[0].quantize, chat_cmd(coders[0].name, coders[0].quantize))
-            cells["chat"].number = f"{coders[0].mmlu_text} [{coders[0].rid}]; a coder model: no general model is left"
+            cells["chat"].number = (f"{coders[0].mmlu_text}{measured_at(coders[0])} [{coders[0].rid}]; a coder "
+                                    f"model: no general model is left")
 
     # Code: the best HumanEval measured here that fits; ties are named.
     coded = best([e for e in entries if e.humaneval and fits(e.name, e.quantize)], lambda e: e.humaneval)
     if coded:
         e = coded[0]
         filled(cells["code"], e.name, e.quantize, chat_cmd(e.name, e.quantize))
-        cells["code"].number = f"{e.humaneval_text} [{e.rid}]"
+        cells["code"].number = f"{e.humaneval_text}{measured_at(e)} [{e.rid}]"
         if len(coded) > 1:
             cells["code"].note = "not separable from " + ", ".join(f"{o.name} {o.precision} [{o.rid}]"
                                                                     for o in coded[1:])

@@ -70,3 +70,49 @@ def test_a_missing_op_falls_back_to_stock_kernels_with_one_line(monkeypatch):
     assert len(lines) == 2 and all("_no_such_op_in_any_torch" in line for line in lines)
     assert all(type(m) in (torch.nn.Linear, torch.nn.GELU) for m in model)
     assert cpu_kernels.packing_problem("float16") is not None  # fp16 is not packed: stock kernels, also one line
+
+
+class TiedHead(torch.nn.Module):
+    """An embedding whose weight is also the output layer's, as in Qwen2.5 and SmolLM2 (tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed, self.body, self.head = torch.nn.Embedding(40, 24), torch.nn.Linear(24, 24), \
+            torch.nn.Linear(24, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+@pytest.mark.skipif(cpu_kernels.packing_problem("float32") is not None, reason="no oneDNN packing here")
+def test_packed_while_puts_back_the_same_numbers_and_keeps_a_tie():
+    model, ids = TiedHead(), torch.tensor([[1, 5, 7], [2, 2, 39]])
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(ids)
+        with cpu_kernels.packed_while(model, dtype="float32", log=pytest.fail) as n:
+            assert n == 2 and type(model.body) is type(model.head) is cpu_kernels.packed_linear_class()
+            torch.testing.assert_close(model(ids), want)
+        assert type(model.body) is type(model.head) is torch.nn.Linear
+        assert model.head.weight is model.embed.weight  # the tie survives: one tensor, not two
+        assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # bit for bit
+        assert torch.equal(model(ids), want)
+
+
+@pytest.mark.skipif(cpu_kernels.packing_problem("float32") is not None, reason="no oneDNN packing here")
+def test_packed_while_restores_the_layers_when_the_block_fails():
+    model = tiny_model()
+    with pytest.raises(KeyboardInterrupt), cpu_kernels.packed_while(model, dtype="float32", log=pytest.fail):
+        raise KeyboardInterrupt
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    assert model[2].bias is None and model[0].weight.shape == (96, 64)
+
+
+def test_packed_while_without_the_ops_runs_the_block_on_stock_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "PACKING_OPS", ("_no_such_op_in_any_torch",))
+    model, lines = tiny_model(), []
+    with cpu_kernels.packed_while(model, dtype="float32", log=lines.append) as n:
+        assert n == 0 and all(type(m) in (torch.nn.Linear, torch.nn.GELU) for m in model)
+    assert len(lines) == 1 and "_no_such_op_in_any_torch" in lines[0]

@@ -152,9 +152,13 @@ def test_training_lowers_loss_and_adapter_round_trips(tiny_models, tiny_task, tm
 
 def test_demo_end_to_end_then_eval_adapter_reproduces(tiny_models, tiny_task, tmp_path, results_dir, capsys):
     out = tmp_path / "run"
-    assert finetune_demo.main(task_args(tiny_models, tiny_task, out) + ["--results-dir", str(results_dir)]) == 0
+    # adapters on the top layer of 2: the frozen bottom's output is computed once per example and replayed
+    assert finetune_demo.main(task_args(tiny_models, tiny_task, out) + ["--results-dir", str(results_dir),
+                                                                        "--lora-top-share", "0.5"]) == 0
     result = only_result(results_dir)
     assert result["kind"] == "finetune" and result["status"] == "complete"
+    assert result["train"]["lora_layers"] == {"n_layers": 2, "n_adapted": 1, "frozen_outputs_computed": 8,
+                                              "frozen_outputs_reused": 24}  # 8 examples x 4 epochs
     assert result["after"]["heldout_loss"] < result["before"]["heldout_loss"]
     assert result["before"]["n"] == result["after"]["n"] == 4
     assert result["checks"]["adapter_weights_changed"] and result["checks"]["adapter_roundtrip_identical"]
@@ -248,3 +252,66 @@ def test_answer_only_loss_covers_exactly_the_answer_and_ignores_padding(tiny_mod
         one_by_one = sum(float(finetune.answer_nll(model, batch([e])[2], input_ids=batch([e])[0],
                                                    attention_mask=batch([e])[1])[0]) for e in encoded)
         assert float(nll) == pytest.approx(one_by_one, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox"])  # parallel residual, partial rotary: the least Llama-like seed
+def test_reused_frozen_layers_give_the_same_loss_and_gradients(tiny_models, tiny_task, arch):
+    """With adapters on the top layers only, a step that replays the frozen bottom's saved output (computed per
+    example, alone) gives the loss and adapter gradients of the full forward over the padded batch; a second
+    epoch reuses the saved output instead of computing it again; a left-padded batch is not replayed."""
+    import torch
+    from peft import get_peft_model
+
+    import models
+    import transformers_internals as hf
+    loaded = models.load_model(str(tiny_models[arch]), device="cpu", dtype="float32", log=lambda *_: None)
+    recipe = dataclasses.replace(finetune.DEFAULTS, lora_top_share=0.5)
+    n_bottom = finetune.frozen_bottom_layers(recipe, loaded.model)
+    assert n_bottom == 1  # 2 layers: the top one adapted
+    model = get_peft_model(loaded.model, finetune.lora_config(recipe, loaded.model))
+    for name, p in model.named_parameters():  # adapters exist on the top layer only, and start non-zero
+        assert p.requires_grad == ("lora_" in name) and (not p.requires_grad or ".layers.1." in name), name
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    encoded = [finetune.encode_example(row, loaded.tokenizer, loaded.resolved.spec)
+               for row in finetune.load_jsonl(tiny_task / "train.jsonl")[:3]]
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.zeros((3, width), dtype=torch.long)
+    mask, labels = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
+    for row, (ids, n_prompt) in enumerate(encoded):
+        input_ids[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), 1
+        labels[row, n_prompt:len(ids)] = input_ids[row, n_prompt:len(ids)]
+
+    def loss_and_grads(replay=None):
+        model.zero_grad()
+        if replay is None:
+            nll, _, _ = finetune.answer_nll(model, labels, input_ids=input_ids, attention_mask=mask)
+        else:
+            hidden = replay.batch(input_ids, mask)
+            with hf.skip_bottom_layers(model, n_bottom, hidden):
+                nll, _, _ = finetune.answer_nll(model, labels, input_ids=input_ids, attention_mask=mask)
+        nll.backward()
+        return float(nll.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want_grads = loss_and_grads()
+    frozen = finetune.FrozenBottom(model, n_bottom)
+    for epoch in range(2):
+        got_loss, got_grads = loss_and_grads(frozen)
+        assert got_loss == pytest.approx(want_loss, rel=1e-5)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert (frozen.n_computed, frozen.n_reused) == (3, 3)
+    assert type(hf.decoder_layers(model)[0]).__name__ != "Replay"  # the real layer is back after the block
+    assert frozen.batch(input_ids.flip(1), mask.flip(1)) is None  # left padding: no replay, the full forward runs
+
+
+def test_no_frozen_bottom_where_layers_are_not_interchangeable(tiny_models, monkeypatch):
+    """A model whose layers differ by type (sliding and full attention picked by index) keeps adapters on every
+    layer, as does lora_top_share 1."""
+    import models
+    loaded = models.load_model(str(tiny_models["llama"]), device="cpu", dtype="float32", log=lambda *_: None)
+    assert finetune.frozen_bottom_layers(dataclasses.replace(finetune.DEFAULTS, lora_top_share=1.0),
+                                         loaded.model) == 0
+    loaded.model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert finetune.frozen_bottom_layers(finetune.DEFAULTS, loaded.model) == 0
+    assert finetune.lora_config(finetune.DEFAULTS, loaded.model).layers_to_transform is None

@@ -89,6 +89,26 @@ def test_batched_greedy_equals_batch_1_tiny(tiny_llama):
         assert all(r["batch_size"] == batch_size for r in together.values())
 
 
+def test_batched_rows_decode_on_packed_weights_and_the_stock_layers_come_back(tiny_llama):
+    """On a CPU a batch decodes through oneDNN-packed Linear layers (where this torch has them), batch 1 through
+    the stock ones; either way the model holds plain nn.Linear layers again once generation is over, even when
+    the caller stops early."""
+    import torch
+
+    import cpu_kernels
+    jobs = jobs_for(["HumanEval/2", "HumanEval/23", "HumanEval/29"])
+    packable = cpu_kernels.packing_problem("float32") is None
+    assert humaneval.kernels_used(tiny_llama, 3) == ("onednn_packed" if packable else "stock")
+    assert humaneval.kernels_used(tiny_llama, 1) == humaneval.kernels_used(tiny_llama, 3, "stock") == "stock"
+    kinds = lambda: {type(m) for m in tiny_llama.model.modules()} & {torch.nn.Linear,  # noqa: E731
+                                                                       cpu_kernels.packed_linear_class()}
+    rows = humaneval.generate_jobs(tiny_llama, jobs, max_new_tokens=6, do_sample=False, batch_size=3)
+    next(rows)
+    assert kinds() == ({cpu_kernels.packed_linear_class()} if packable else {torch.nn.Linear})
+    rows.close()  # the caller stops early (Ctrl-C, a failed sandbox): the layers are put back all the same
+    assert kinds() == {torch.nn.Linear}
+
+
 def test_batch_1_equals_transformers_generate(tiny_llama):
     """The batch-1 path gives the completions benchmark.py gave with transformers' generate()."""
     reference = runpy.run_path(str(REPO / "benchmarks" / "humaneval_batching.py"))["generate_with_transformers"]
