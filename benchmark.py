@@ -350,9 +350,9 @@ def open_record(config: dict, *, results_dir: Path, resume: bool, console) -> tu
 class RecordWriter:
     """Rewrites one benchmark record atomically after every phase, with the memory readings so far."""
 
-    def __init__(self, path: Path, samples_path: Path, memory, loaded, earlier_run_sec: float):
+    def __init__(self, path: Path, samples_path: Path, memory, loaded, earlier_run_sec: float, rss_before: int):
         self.path, self.samples_path, self.memory, self.loaded = path, samples_path, memory, loaded
-        self.rss_before = memory.peak_rss_bytes
+        self.rss_before = rss_before  # read before the model loaded (read after, it was the load's own peak)
         self.start = time.perf_counter() - earlier_run_sec  # a resumed run adds to the earlier run's time
 
     def save(self, record: dict, status: str) -> None:
@@ -393,11 +393,13 @@ def benchmark_one(model_name: str, quantize: str, *, settings: Settings, results
     common.CpuThreads(settings.threads, enabled=device == "cpu")
     memory = common.MemoryMonitor(device)
     with memory:
+        memory.sample()
+        rss_before = memory.peak_rss_bytes
         loaded = load_or_report(model_name, quantize, device=settings.device, dtype=settings.dtype,
                                 models_dir=models_dir, console=console)
         if loaded is None:
             return "failed"
-        writer = RecordWriter(path, samples_path, memory, loaded, (record or {}).get("run_sec") or 0.0)
+        writer = RecordWriter(path, samples_path, memory, loaded, (record or {}).get("run_sec") or 0.0, rss_before)
         identity = {**loaded.identity(), "weights_on_disk_bytes": weights_on_disk_bytes(loaded.resolved.source)}
         console.print(f"[bold]{model_name}[/bold] ({quantize}, {loaded.dtype}, {loaded.device}): loaded in "
                       f"{loaded.load_sec:.1f} s, {common.human_bytes(loaded.weight_bytes)} of weights")

@@ -447,6 +447,9 @@ def oddities(bench: list[Record]) -> list[dict]:
             dq, dp = decode_speed(q), decode_speed(p)
             if not on_gpu(q) and dq is not None and dp is not None and dq > dp * 1.05:
                 out.append({"kind": "faster_decode", **facts, "q": fmt(dq), "p": fmt(dp)})
+            elif not on_gpu(q) and dq is not None and dp is not None and dq < dp / 2:
+                out.append({"kind": "slower_decode", **facts, "q": fmt(dq), "p": fmt(dp), "ratio": fmt(dp / dq),
+                            "weights": gib(q.data["memory"] and q.data["memory"]["weight_bytes"])})
     seen = set()
     for r in bench:
         name, loaded = r.data["model"]["name"], r.data["model"]["n_params"]

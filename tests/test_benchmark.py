@@ -38,6 +38,23 @@ def test_wilson_and_stderr_known_values():
 
 
 # ---------------------------------------------------------------------------------------- end to end
+def test_rss_before_load_is_read_before_the_load(tiny_models, results_dir, capsys, monkeypatch):
+    """A load that briefly holds 256 MiB (as converting weights does) raises the peak above the reading taken
+    before it; read after the load, "before load" would equal the load's own peak."""
+    import models
+    real_load = models.load_model
+
+    def heavy_load(*args, **kwargs):
+        scratch = bytearray(256 << 20)
+        scratch[::4096] = b"\x01" * len(scratch[::4096])  # touch every page: resident, not just reserved
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(models, "load_model", heavy_load)
+    assert benchmark.main(["--models", str(tiny_models["llama"]), "--phases", "mmlu", *TINY_RUN,
+                           "--results-dir", str(results_dir)]) == 0, capsys.readouterr()
+    memory = load_record(results_dir)[1]["memory"]
+    assert memory["peak_rss_bytes"] - memory["rss_before_load_bytes"] >= 200 << 20, memory
+
+
 def load_record(results_dir: Path) -> tuple[Path, dict]:
     paths = sorted(results_dir.glob("benchmark-*.json"))
     assert len(paths) == 1, paths
@@ -65,6 +82,7 @@ def test_end_to_end_tiny_run_writes_a_valid_record(tiny_models, results_dir, cap
     assert len(speed["ttft_sec_samples"]) == 2 and speed["n_warmup"] == 1
     memory = record["memory"]
     assert memory["peak_rss_bytes"] >= memory["weight_bytes"] > 0 and memory["consistency"]["rss_covers_weights"]
+
     samples = [json.loads(line) for line in (path.parent / record["samples_file"]).read_text().splitlines()]
     assert sum(s["phase"] == "mmlu" for s in samples) == 6
     assert {s["task_id"] for s in samples if s["phase"] == "humaneval"} == set(human["problem_ids"])
