@@ -38,6 +38,7 @@ from pathlib import Path
 
 import common
 import hub
+import humaneval
 import models
 import records
 
@@ -164,7 +165,6 @@ def run_humaneval(loaded, *, samples_path: Path, console, limit: int, n_samples:
                   max_new_tokens: int, timeout_sec: float, sandbox_mode: str, batch_size: int) -> dict:
     """Generate in batches; each problem is run in the sandbox and logged as soon as all its samples are done,
     so a resumed run redoes at most the problems of the batch it was in."""
-    import humaneval
     import sandbox
     problems, task_ids = humaneval.humaneval_subset(limit, seed)
     limits = sandbox.SandboxLimits(timeout_sec=timeout_sec)
@@ -510,12 +510,13 @@ def parse_args(argv=None):
     parser.add_argument("--mmlu-batch-size", type=common.positive_int, default=8, help="suffixes per forward pass")
     parser.add_argument("--mmlu-no-cache", action="store_true",
                         help="plain full-prompt scoring, the slow reference (--mmlu-batch-size 1: lm-eval's batch 1)")
-    parser.add_argument("--humaneval-limit", type=common.non_negative_int, default=20,
+    parser.add_argument("--humaneval-limit", type=common.non_negative_int, default=humaneval.DEFAULT_LIMIT,
                         help="problems, seeded choice (0 or 164: all); the default takes a few minutes with "
                              "smollm2 on CPU")
     parser.add_argument("--humaneval-samples", type=common.positive_int, default=1,
                         help="samples per problem: 1 = greedy pass@1; n > 1 = sampling, unbiased pass@k")
-    parser.add_argument("--humaneval-max-new-tokens", type=common.positive_int, default=384,
+    parser.add_argument("--humaneval-max-new-tokens", type=common.positive_int,
+                        default=humaneval.DEFAULT_MAX_NEW_TOKENS,
                         help="longest completion per problem, in tokens")
     parser.add_argument("--humaneval-batch-size", type=common.non_negative_int, default=0,
                         help="samples generated together; 0 = automatic, from free memory")

@@ -9,9 +9,9 @@ Two swaps of nn.Linear layers:
   fbgemm): a draft step reads half the bytes.
 
 Verified on torch 2.15.0 (the project's venv; x86-64 with AVX-512, and with AVX2 only). The ops are private
-(mkldnn) or deprecated (quantized), so each swap first asks whether its ops are there; if not, it logs ONE line and leaves the stock
-kernels in place: slower, never wrong. tests/test_cpu_kernels.py fails loudly when an op disappears, so an upgrade
-cannot make the demo silently slower.
+(mkldnn) or deprecated (quantized), so each swap first asks whether its ops are there; if not, it logs ONE line
+and leaves the stock kernels in place: slower, never wrong. tests/test_cpu_kernels.py fails loudly when an op
+disappears, so an upgrade cannot make the demo silently slower.
 
     import cpu_kernels
     cpu_kernels.pack_linears(model, dtype="bfloat16", log=print)   # -> number of layers swapped (0 = fallback)
@@ -134,16 +134,12 @@ def swap_linears(model, make, *, only=None) -> int:
             if type(child) is (only or torch.nn.Linear):  # exact type: bitsandbytes' Linear4bit subclasses nn.Linear
                 setattr(module, name, make(child))
                 n += 1
-    release_freed_memory()
-    return n
-
-
-def release_freed_memory() -> None:
-    """Replaced weights go back to glibc's heap, not to the OS: without a trim the process keeps both copies
-    (measured: 4.5 instead of 3.2 GiB RSS for Qwen2.5-Coder-0.5B in fp32)."""
+    # The replaced weights go back to glibc's heap, not to the OS: without a trim the process keeps both copies
+    # (measured: 4.5 instead of 3.2 GiB RSS for Qwen2.5-Coder-0.5B in fp32).
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return n
 
 
 def pack_linears(model, *, dtype: str, log) -> int:

@@ -39,6 +39,9 @@ PROMPT_FORMAT = "plain_completion"  # the function prompt, no chat template, as 
 # beyond ~16 the step grows in proportion and padding the prefill costs more than it saves.
 BATCH_MEMORY_SHARE = 0.25
 MAX_AUTO_BATCH = {"cpu": 16, "mps": 16, "cuda": 64}
+# benchmark.py's defaults, which benchmarks/humaneval_batching.py times: 20 seeded problems, 384 new tokens each
+DEFAULT_LIMIT = 20
+DEFAULT_MAX_NEW_TOKENS = 384
 
 
 def humaneval_subset(limit: int, seed: int) -> tuple[dict, list[str]]:
@@ -273,13 +276,18 @@ def finished_row(tokenizer, row: Row, generate_sec: float, keep_top: bool, batch
     return result
 
 
+def packs_batches(loaded, batch_size: int, cpu_kernels: str = "packed") -> bool:
+    """Batched rows on a CPU decode through oneDNN-packed weights (cpu_kernels.packed_while: on this project's
+    AVX2 CPU a qwen-coder-0.5b fp32 step over 8 rows costs 1.4x one row instead of 3.6x with torch's stock
+    kernels); one row keeps torch's GEMV, which is faster there."""
+    return cpu_kernels == "packed" and batch_size > 1 and loaded.device == "cpu"
+
+
 def kernels_used(loaded, batch_size: int, cpu_kernels: str = "packed") -> str:
-    """"onednn_packed" where batched rows on a CPU decode through oneDNN-packed weights (cpu_kernels.packed_while:
-    on this project's AVX2 CPU a qwen-coder-0.5b fp32 step over 8 rows costs 1.4x one row instead of 3.6x with
-    torch's stock kernels), else "stock" (one row keeps torch's GEMV, which is faster there)."""
+    """What the record says decoded the batch: "onednn_packed", or "stock" (also where packing cannot run)."""
     import cpu_kernels as kernels
-    wanted = cpu_kernels == "packed" and batch_size > 1 and loaded.device == "cpu"
-    return "onednn_packed" if wanted and kernels.packing_problem(loaded.dtype) is None else "stock"
+    packed = packs_batches(loaded, batch_size, cpu_kernels) and kernels.packing_problem(loaded.dtype) is None
+    return "onednn_packed" if packed else "stock"
 
 
 def generate_jobs(loaded, jobs: list[Job], *, max_new_tokens: int, do_sample: bool, batch_size: int,
@@ -292,7 +300,7 @@ def generate_jobs(loaded, jobs: list[Job], *, max_new_tokens: int, do_sample: bo
     import cpu_kernels as kernels
     stop_ids = set(models.stop_token_ids(loaded.tokenizer, loaded.resolved.spec))
     packing = kernels.packed_while(loaded.model, dtype=loaded.dtype, log=log) \
-        if kernels_used(loaded, batch_size, cpu_kernels) == "onednn_packed" else contextlib.nullcontext()
+        if packs_batches(loaded, batch_size, cpu_kernels) else contextlib.nullcontext()  # logs why, if it cannot
     with packing:
         rows = generate_rows(loaded.model, loaded.tokenizer, [job.prompt for job in jobs],
                              max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size,

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
+import humaneval  # noqa: E402  (light at import: torch and transformers load inside its functions)
 import models  # noqa: E402
 
 TARGET_RATIO = 3.0  # the issue's goal: batched >= 3x batch size 1
@@ -35,7 +36,6 @@ def time_generation(loaded, jobs, *, batch_size: int, max_new_tokens: int, cpu_k
                     ) -> tuple[dict, float]:
     """{task_id: result} of greedy generation at this batch size, and the seconds it took (packing the weights
     for a batched arm on CPU, and putting them back, included)."""
-    import humaneval  # the code under test; imported here so that --help stays instant
     common.sync(loaded.device)
     start = time.perf_counter()
     results = {job.task_id: result for job, result in humaneval.generate_jobs(
@@ -51,7 +51,6 @@ def generate_with_transformers(loaded, prompt: str, max_new_tokens: int) -> list
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    import humaneval
     tokenizer = loaded.tokenizer
     inputs = tokenizer(prompt, return_tensors="pt").to(loaded.device)
     n_prompt, lead = inputs["input_ids"].shape[1], humaneval.prompt_lead(prompt)
@@ -72,9 +71,9 @@ def generate_with_transformers(loaded, prompt: str, max_new_tokens: int) -> list
 def parse_args(argv=None):
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default="qwen-coder-0.5b", help="registry name, folder, .gguf file or hub id")
-    parser.add_argument("--limit", type=common.positive_int, default=20,
+    parser.add_argument("--limit", type=common.positive_int, default=humaneval.DEFAULT_LIMIT,
                         help="problems (benchmark.py's seeded choice and default count)")
-    parser.add_argument("--max-new-tokens", type=common.positive_int, default=384,
+    parser.add_argument("--max-new-tokens", type=common.positive_int, default=humaneval.DEFAULT_MAX_NEW_TOKENS,
                         help="longest completion per problem, in tokens (benchmark.py's default)")
     parser.add_argument("--batch-size", type=common.non_negative_int, default=0,
                         help="rows of the batched arm; 0 = automatic, from free memory, as benchmark.py")
@@ -91,7 +90,6 @@ def parse_args(argv=None):
 
 
 def compare(reference: dict, batched: dict, task_ids: list[str], dtype: str) -> list[dict]:
-    import humaneval
     rows = []
     for task_id in task_ids:
         divergence = humaneval.first_divergence(reference[task_id], batched[task_id], dtype)
@@ -102,7 +100,6 @@ def compare(reference: dict, batched: dict, task_ids: list[str], dtype: str) -> 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    import humaneval
     if args.out:
         common.check_writable(args.out.parent, what="output folder")
     common.CpuThreads(args.threads, enabled=models.pick_device(args.device) == "cpu")

@@ -109,6 +109,16 @@ def test_batched_rows_decode_on_packed_weights_and_the_stock_layers_come_back(ti
     assert kinds() == {torch.nn.Linear}
 
 
+def test_a_batch_without_packing_ops_says_so_once_and_runs_stock(tiny_llama, monkeypatch):
+    import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "PACKING_OPS", ("_no_such_op_in_any_torch",))
+    lines = []
+    done = list(humaneval.generate_jobs(tiny_llama, jobs_for(["HumanEval/2", "HumanEval/23"]), max_new_tokens=4,
+                                        do_sample=False, batch_size=2, log=lines.append))
+    assert len(done) == 2 and humaneval.kernels_used(tiny_llama, 2) == "stock"
+    assert len(lines) == 1 and "_no_such_op_in_any_torch" in lines[0]
+
+
 def test_batch_1_equals_transformers_generate(tiny_llama):
     """The batch-1 path gives the completions benchmark.py gave with transformers' generate()."""
     reference = runpy.run_path(str(REPO / "benchmarks" / "humaneval_batching.py"))["generate_with_transformers"]
