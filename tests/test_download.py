@@ -809,6 +809,9 @@ def test_first_use_conversion_states_and_checks_its_disk_need_and_drops_the_dtyp
         {p.name: "0o600" for p in folder.iterdir()}
     out, err = capfd.readouterr()
     assert "Pass `dtype" not in out + err and "dtype=torch.float32" not in out + err
+    # our one line, not transformers' tqdm bar with its carriage returns (a conversion's log was full of them)
+    assert logs[-1].startswith(f"Converting {smollm2_gguf.name} to bfloat16 safetensors")
+    assert "\r" not in out + err and "de-quantizing" not in out + err, err[-500:]
     source = json.loads((folder / models.CONVERSION_MANIFEST).read_text())
     assert source["gguf_sha256"] == models.REGISTRY["smollm2-135m"].gguf_sha256
     weights = folder / "model.safetensors"

@@ -111,25 +111,3 @@ def test_the_one_sampler_argmax_when_greedy_softmax_over_temperature_otherwise()
     assert (observed - hot).abs().max() < 0.03  # 4000 draws: a standard error of at most 0.008
     nucleus = {models.sample_token(logits, temperature=2.0, top_p=0.5, generator=generator) for _ in range(200)}
     assert nucleus == {0, 1}  # p = 0.47, 0.29, ...: the top two are the smallest set reaching 0.5
-
-
-def test_gguf_conversion_log_has_no_progress_bar(smollm2, tmp_path):
-    """Converting a GGUF writes our one line, not transformers' tqdm bar with its carriage returns (a log of a
-    conversion was full of them)."""
-    import os
-    import subprocess
-    import sys
-    spec = models.REGISTRY["smollm2-135m"]
-    package, version, _, _ = spec.gguf_wheel
-    gguf = common.MODELS_DIR / ".wheels" / f"{package}-{version}" / spec.gguf_file
-    if not gguf.is_file():
-        pytest.skip(f"no cached {spec.gguf_file}")
-    code = (f"from pathlib import Path; import models\n"
-            f"models.convert_gguf(Path({str(gguf)!r}), Path({str(tmp_path / 'out')!r}), 'float32')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          cwd=common.REPO_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-2000:]
-    assert "Converting SmolLM2-135M-Instruct.Q4_1.gguf" in log
-    assert "\r" not in log and "de-quantizing" not in log, log[-500:]
-    assert (tmp_path / "out" / "config.json").is_file()
