@@ -12,6 +12,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -54,6 +55,9 @@ class PtySession:
         def become_controlling_terminal():
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # as a shell on a terminal starts it: a runner started in the background (`cmd &` in a script)
+            # hands down SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         self.process = subprocess.Popen([PYTHON, str(SCRIPT), *args, *ONE_THREAD], stdin=slave, stdout=slave,
                                         stderr=slave, env=env, cwd=REPO, preexec_fn=become_controlling_terminal)
